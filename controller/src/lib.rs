@@ -1,0 +1,9 @@
+//! The cathedral controller (`cathedralctl`): launchd plist edits with backups, health-gated
+//! deploy and rollback, status, certificates, the kill switch, and the front end of the
+//! canary and the upstream scanner.
+//!
+//! Owns: every change to a service definition on disk and every launchctl call.
+//! Must not: edit a plist without a backup, write any file non-atomically, or run a second
+//! controller concurrently on the same service.
+
+pub mod cli;

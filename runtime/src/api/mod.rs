@@ -1,0 +1,1 @@
+//! OpenAI-compatible request/response types and the error body.

@@ -1,0 +1,1 @@
+//! Certificate authority, server and client certificates (rcgen), shared by `cathedralctl certs` and tests.

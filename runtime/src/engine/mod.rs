@@ -1,0 +1,1 @@
+//! Generation: caches, sampling, the decode loop, the engine the server drives.

@@ -1,0 +1,1 @@
+//! The kill switch file: who engaged it, when, why.

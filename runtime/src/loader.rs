@@ -1,0 +1,1 @@
+//! Strict checkpoint loader: mlx-community and Hugging Face layouts, quantized or not.

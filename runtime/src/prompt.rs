@@ -1,0 +1,1 @@
+//! Chat prompts: the checkpoint chat template, image placeholders.

@@ -1,0 +1,1 @@
+//! The mTLS server: listeners, routes, the vision gate, load control.

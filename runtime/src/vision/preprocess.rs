@@ -1,0 +1,1 @@
+//! Image decoding and Qwen2-VL preprocessing into pixel patches.
