@@ -7,6 +7,12 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 bash "$ROOT/scripts/setup-mlx.sh"
 
+# curl: the server tests drive the mTLS listener with it (--cert/--key/--cacert).
+if ! command -v curl >/dev/null 2>&1; then
+  SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends curl ca-certificates >/dev/null
+fi
+
 VENV=$ROOT/.venv
 REQ=$ROOT/scripts/requirements-test.txt
 STAMP=$VENV/.ok-$(sha256sum "$REQ" | cut -c1-16)

@@ -6,4 +6,17 @@
 //! Must not: edit a plist without a backup, write any file non-atomically, or run a second
 //! controller concurrently on the same service.
 
+pub mod agent;
+pub mod atomic;
+pub mod backup;
 pub mod cli;
+pub mod deploy;
+pub mod edit;
+pub mod health;
+pub mod launchd;
+pub mod ledger;
+pub mod lint;
+pub mod lock;
+pub mod progress;
+pub mod rss;
+pub mod template;

@@ -3,7 +3,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "cathedral", version, about = "Qwen3.5/3.6 MoE vision-language inference server (mTLS, OpenAI API)")]
+#[command(
+    name = "cathedral",
+    version,
+    about = "Qwen3.5/3.6 MoE vision-language inference server (mTLS, OpenAI API)"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -11,11 +15,18 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Serve the model over mTLS with an OpenAI-compatible API (see `serve --help`).
+    Serve(crate::server::ServeArgs),
     /// Write the small random checkpoint used by tests and the README demo.
     TinyModel(crate::tiny::TinyModelArgs),
+    /// Time the vision tower alone (random weights, real shapes), optionally against mlx-vlm.
+    BenchVision(crate::vision::bench::BenchVisionArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::TinyModel(args) => Ok(crate::tiny::write_tiny_model(&args)?),}
+        Command::Serve(args) => crate::server::serve_command(args),
+        Command::TinyModel(args) => Ok(crate::tiny::write_tiny_model(&args)?),
+        Command::BenchVision(args) => crate::vision::bench::run_bench_vision(&args),
+    }
 }

@@ -6,6 +6,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::vision::VisionConfig;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
@@ -150,9 +152,7 @@ impl TextConfig {
     /// present; otherwise the interval rule: linear iff (i+1) % interval != 0.
     pub fn is_linear_layer(&self, i: usize) -> bool {
         match &self.layer_types {
-            Some(types) if types.len() == self.num_hidden_layers => {
-                types[i] == "linear_attention"
-            }
+            Some(types) if types.len() == self.num_hidden_layers => types[i] == "linear_attention",
             _ => (i + 1) % self.full_attention_interval != 0,
         }
     }
@@ -282,8 +282,8 @@ pub struct ModelConfig {
     pub model_type: String,
     pub kind: ModelKind,
     pub text_config: TextConfig,
-    /// The raw `vision_config` object, parsed by the vision tower (`vision::VisionConfig`).
-    pub vision_config: Option<Value>,
+    /// The vision tower's settings; `None` for a text-only config.
+    pub vision_config: Option<VisionConfig>,
     pub quantization: Option<QuantizationConfig>,
     pub image_token_id: u32,
     pub video_token_id: u32,
@@ -384,7 +384,11 @@ impl ModelConfig {
                 rotary / 2
             )));
         }
-        let quantization = match top.quantization.as_ref().or(top.quantization_config.as_ref()) {
+        let quantization = match top
+            .quantization
+            .as_ref()
+            .or(top.quantization_config.as_ref())
+        {
             Some(v) => Some(QuantizationConfig::from_value(v)?),
             None => None,
         };
@@ -403,10 +407,15 @@ impl ModelConfig {
             model_type: top.model_type,
             kind,
             text_config,
-            vision_config: top.vision_config,
+            vision_config: match top.vision_config {
+                Some(v) => Some(serde_json::from_value(v).map_err(parse_err)?),
+                None => None,
+            },
             quantization,
             image_token_id,
-            video_token_id: top.video_token_id.ok_or_else(|| missing("video_token_id"))?,
+            video_token_id: top
+                .video_token_id
+                .ok_or_else(|| missing("video_token_id"))?,
             vision_start_token_id: top
                 .vision_start_token_id
                 .ok_or_else(|| missing("vision_start_token_id"))?,

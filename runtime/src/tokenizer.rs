@@ -70,26 +70,25 @@ pub const VOCAB_ENV: &str = "CATHEDRAL_QWEN_VOCAB";
 /// ChatML template in Qwen style, written into `tokenizer_config.json`. Content is a string or a
 /// list of `{type: text|image}` parts; each image part becomes one `<|image_pad|>` between the
 /// vision markers, expanded later to the image's token count.
-pub const CHAT_TEMPLATE: &str = concat!(
-    "{%- for message in messages -%}",
-    "<|im_start|>{{ message['role'] }}\n",
-    "{%- if message['content'] is string -%}",
-    "{{ message['content'] }}",
-    "{%- else -%}",
-    "{%- for part in message['content'] -%}",
-    "{%- if part['type'] == 'image' or part['type'] == 'image_url' -%}",
-    "<|vision_start|><|image_pad|><|vision_end|>",
-    "{%- elif part['type'] == 'text' -%}",
-    "{{ part['text'] }}",
-    "{%- endif -%}",
-    "{%- endfor -%}",
-    "{%- endif -%}",
-    "<|im_end|>\n",
-    "{%- endfor -%}",
-    "{%- if add_generation_prompt -%}",
-    "<|im_start|>assistant\n",
-    "{%- endif -%}",
-);
+pub const CHAT_TEMPLATE: &str = r#"{%- for message in messages %}
+{{- '<|im_start|>' + message['role'] + '\n' }}
+{%- if message['content'] is string %}
+{{- message['content'] }}
+{%- else %}
+{%- for part in message['content'] %}
+{%- if part['type'] == 'image' or part['type'] == 'image_url' %}
+{{- '<|vision_start|><|image_pad|><|vision_end|>' }}
+{%- elif part['type'] == 'text' %}
+{{- part['text'] }}
+{%- endif %}
+{%- endfor %}
+{%- endif %}
+{{- '<|im_end|>\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+{{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"#;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {

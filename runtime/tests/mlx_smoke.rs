@@ -2,7 +2,11 @@
 use mlx_rs::{fast, ops, Array, Dtype};
 
 fn max_abs_diff(a: &Array, b: &Array) -> f32 {
-    ops::abs(&(a - b)).unwrap().max(None).unwrap().item::<f32>()
+    ops::abs(&(a - b))
+        .unwrap()
+        .max(None)
+        .unwrap()
+        .item_exact::<f32>()
 }
 
 #[test]
@@ -15,8 +19,12 @@ fn matmul_matches_hand_computed_product() {
 #[test]
 fn large_matmul_matches_naive_loop() {
     let n = 96usize;
-    let a: Vec<f32> = (0..n * n).map(|i| ((i * 7 % 31) as f32) / 31.0 - 0.5).collect();
-    let b: Vec<f32> = (0..n * n).map(|i| ((i * 11 % 37) as f32) / 37.0 - 0.5).collect();
+    let a: Vec<f32> = (0..n * n)
+        .map(|i| ((i * 7 % 31) as f32) / 31.0 - 0.5)
+        .collect();
+    let b: Vec<f32> = (0..n * n)
+        .map(|i| ((i * 11 % 37) as f32) / 37.0 - 0.5)
+        .collect();
     let got = ops::matmul(
         &Array::from_slice(&a, &[n as i32, n as i32]),
         &Array::from_slice(&b, &[n as i32, n as i32]),
@@ -25,7 +33,11 @@ fn large_matmul_matches_naive_loop() {
     let got = got.as_slice::<f32>();
     for (i, j) in [(0, 0), (5, 17), (95, 95), (40, 3)] {
         let want: f32 = (0..n).map(|k| a[i * n + k] * b[k * n + j]).sum();
-        assert!((got[i * n + j] - want).abs() < 1e-4, "({i},{j}) {} vs {want}", got[i * n + j]);
+        assert!(
+            (got[i * n + j] - want).abs() < 1e-4,
+            "({i},{j}) {} vs {want}",
+            got[i * n + j]
+        );
     }
 }
 
@@ -45,8 +57,12 @@ fn sdpa_matches_plain_attention() {
     assert!(max_abs_diff(&plain, &fused) < 1e-5);
 
     let row = ops::arange::<_, i32>(None, 6, None).unwrap();
-    let allowed = row.reshape(&[6, 1]).unwrap().ge(&row.reshape(&[1, 6]).unwrap()).unwrap();
-    let masked = ops::r#where(&allowed, &scores, &Array::from_f32(f32::NEG_INFINITY)).unwrap();
+    let allowed = row
+        .reshape(&[6, 1])
+        .unwrap()
+        .ge(&row.reshape(&[1, 6]).unwrap())
+        .unwrap();
+    let masked = ops::select(&allowed, &scores, &Array::from_f32(f32::NEG_INFINITY)).unwrap();
     let plain_causal = ops::matmul(&ops::softmax_axis(&masked, -1, None).unwrap(), &v).unwrap();
     let fused_causal = fast::scaled_dot_product_attention(
         &q,
@@ -64,7 +80,7 @@ fn sdpa_matches_plain_attention() {
 fn rms_norm_matches_definition() {
     let x = Array::from_slice(&[1.0f32, -2.0, 3.0, -4.0, 0.5, 0.25, -0.125, 2.0], &[2, 4]);
     let w = Array::from_slice(&[0.5f32, 1.0, 1.5, 2.0], &[4]);
-    let got = fast::rms_norm(&x, &w, 1e-6).unwrap();
+    let got = fast::rms_norm(&x, Some(&w), 1e-6).unwrap();
     let xs = x.as_slice::<f32>();
     let ws = w.as_slice::<f32>();
     let got = got.as_slice::<f32>();
@@ -91,7 +107,10 @@ fn safetensors_round_trip_keeps_values_and_dtypes() {
     assert_eq!(loaded["x"].as_slice::<f32>(), x.as_slice::<f32>());
     assert_eq!(loaded["b"].dtype(), Dtype::Bfloat16);
     assert_eq!(
-        loaded["b"].as_dtype(Dtype::Float32).unwrap().as_slice::<f32>(),
+        loaded["b"]
+            .as_dtype(Dtype::Float32)
+            .unwrap()
+            .as_slice::<f32>(),
         &[1.5, -2.25, 3.0, 0.0]
     );
 }

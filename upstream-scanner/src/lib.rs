@@ -4,3 +4,15 @@
 //! Owns: reading upstream state and writing reports.
 //! Must not: force-push or rewrite history, log or report the token, or exceed the
 //! GitHub rate limit blindly.
+
+pub mod config;
+pub mod fork;
+pub mod fsio;
+pub mod github;
+pub mod report;
+pub mod scan;
+pub mod schedule;
+
+pub use config::{Config, ConfigError, GitHubToken, Label, Login, RepoName, TokenSource};
+pub use report::Report;
+pub use scan::{scan, ScanError, ScanOutcome};

@@ -9,14 +9,19 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum VisionConfigError {
     #[error("vision_config: hidden_size {hidden_size} is not divisible by num_heads {num_heads}")]
-    HeadsDoNotDivide { hidden_size: usize, num_heads: usize },
+    HeadsDoNotDivide {
+        hidden_size: usize,
+        num_heads: usize,
+    },
     #[error("vision_config: head_dim {0} must be a positive multiple of 4 for the 2D rotary")]
     HeadDimForRotary(usize),
     #[error("vision_config: num_position_embeddings {0} is not a perfect square")]
     PositionTableNotSquare(usize),
     #[error("vision_config: hidden_act `{0}` is not supported (expected gelu_pytorch_tanh, gelu or silu)")]
     UnsupportedActivation(String),
-    #[error("vision_config: deepstack_visual_indexes {0:?} are not supported by Qwen3.5 checkpoints")]
+    #[error(
+        "vision_config: deepstack_visual_indexes {0:?} are not supported by Qwen3.5 checkpoints"
+    )]
     Deepstack(Vec<usize>),
     #[error("vision_config: `{0}` must be positive")]
     Zero(&'static str),
@@ -109,13 +114,13 @@ impl VisionConfig {
                 return Err(VisionConfigError::Zero(name));
             }
         }
-        if self.hidden_size % self.num_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_heads) {
             return Err(VisionConfigError::HeadsDoNotDivide {
                 hidden_size: self.hidden_size,
                 num_heads: self.num_heads,
             });
         }
-        if self.head_dim() % 4 != 0 {
+        if !self.head_dim().is_multiple_of(4) {
             return Err(VisionConfigError::HeadDimForRotary(self.head_dim()));
         }
         let side = self.position_grid_side();

@@ -1,0 +1,96 @@
+//! Gated full attention: q_proj yields query | gate per head; RMSNorm on q and k; partial
+//! interleaved MRoPE; GQA causal SDPA; output · σ(gate) → o_proj.
+use mlx_rs::error::Exception;
+use mlx_rs::fast::{self, ScaledDotProductAttentionMask};
+use mlx_rs::macros::ModuleParameters;
+use mlx_rs::{ops, Array};
+
+use super::cache::KvCache;
+use super::linear::{Linear, QuantLookup};
+use super::norm::RmsNorm;
+use super::rope::MRope;
+use crate::config::TextConfig;
+
+#[derive(Debug, Clone, ModuleParameters)]
+pub struct Attention {
+    #[param]
+    pub q_proj: Linear,
+    #[param]
+    pub k_proj: Linear,
+    #[param]
+    pub v_proj: Linear,
+    #[param]
+    pub o_proj: Linear,
+    #[param]
+    pub q_norm: RmsNorm,
+    #[param]
+    pub k_norm: RmsNorm,
+    pub num_heads: i32,
+    pub num_kv_heads: i32,
+    pub head_dim: i32,
+}
+
+impl Attention {
+    pub fn new(path: &str, cfg: &TextConfig, quant: QuantLookup) -> Self {
+        let h = cfg.hidden_size;
+        let hd = cfg.head_dim();
+        let q = cfg.num_attention_heads * hd;
+        let kv = cfg.num_key_value_heads * hd;
+        let b = cfg.attention_bias;
+        Self {
+            q_proj: Linear::new(&format!("{path}.q_proj"), h, 2 * q, b, quant),
+            k_proj: Linear::new(&format!("{path}.k_proj"), h, kv, b, quant),
+            v_proj: Linear::new(&format!("{path}.v_proj"), h, kv, b, quant),
+            o_proj: Linear::new(&format!("{path}.o_proj"), q, h, b, quant),
+            q_norm: RmsNorm::new(hd, cfg.rms_norm_eps),
+            k_norm: RmsNorm::new(hd, cfg.rms_norm_eps),
+            num_heads: cfg.num_attention_heads as i32,
+            num_kv_heads: cfg.num_key_value_heads as i32,
+            head_dim: hd as i32,
+        }
+    }
+
+    /// `x` `[B, L, hidden]`; `cos`/`sin` `[L, rotary_dim]` for these L positions.
+    pub fn forward(
+        &self,
+        x: &Array,
+        rope: &MRope,
+        cos: &Array,
+        sin: &Array,
+        cache: &mut KvCache,
+    ) -> Result<Array, Exception> {
+        let (b, l) = (x.shape()[0], x.shape()[1]);
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let qg = self.q_proj.forward(x)?.reshape(&[b, l, nh, 2 * hd])?;
+        let parts = qg.split_equal(2, -1)?;
+        let (queries, gate) = (&parts[0], parts[1].reshape(&[b, l, nh * hd])?);
+        let keys = self.k_proj.forward(x)?.reshape(&[b, l, nkv, hd])?;
+        let values = self.v_proj.forward(x)?.reshape(&[b, l, nkv, hd])?;
+        let queries = self
+            .q_norm
+            .forward(queries)?
+            .transpose_axes(&[0, 2, 1, 3])?;
+        let keys = self.k_norm.forward(&keys)?.transpose_axes(&[0, 2, 1, 3])?;
+        let values = values.transpose_axes(&[0, 2, 1, 3])?;
+        let queries = rope.apply(&queries, cos, sin)?;
+        let keys = rope.apply(&keys, cos, sin)?;
+        let (keys, values) = cache.update(keys, values)?;
+        let scale = (hd as f32).powf(-0.5);
+        let out = if l > 1 {
+            fast::scaled_dot_product_attention(
+                &queries,
+                &keys,
+                &values,
+                scale,
+                ScaledDotProductAttentionMask::Causal,
+                None,
+            )?
+        } else {
+            fast::scaled_dot_product_attention(&queries, &keys, &values, scale, None, None)?
+        };
+        let out = out
+            .transpose_axes(&[0, 2, 1, 3])?
+            .reshape(&[b, l, nh * hd])?;
+        self.o_proj.forward(&out.multiply(ops::sigmoid(&gate)?)?)
+    }
+}

@@ -1,0 +1,32 @@
+//! SwiGLU feed-forward `down(SiLU(gate(x)) · up(x))`: the dense MLP of `qwen3_5` and the
+//! shared expert of `qwen3_5_moe`.
+use mlx_rs::error::Exception;
+use mlx_rs::macros::ModuleParameters;
+use mlx_rs::{nn, Array};
+
+use super::linear::{Linear, QuantLookup};
+
+#[derive(Debug, Clone, ModuleParameters)]
+pub struct Mlp {
+    #[param]
+    pub gate_proj: Linear,
+    #[param]
+    pub up_proj: Linear,
+    #[param]
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    pub fn new(path: &str, dim: usize, hidden: usize, quant: QuantLookup) -> Self {
+        Self {
+            gate_proj: Linear::new(&format!("{path}.gate_proj"), dim, hidden, false, quant),
+            up_proj: Linear::new(&format!("{path}.up_proj"), dim, hidden, false, quant),
+            down_proj: Linear::new(&format!("{path}.down_proj"), hidden, dim, false, quant),
+        }
+    }
+
+    pub fn forward(&self, x: &Array) -> Result<Array, Exception> {
+        let h = nn::silu(self.gate_proj.forward(x)?)?.multiply(self.up_proj.forward(x)?)?;
+        self.down_proj.forward(&h)
+    }
+}
