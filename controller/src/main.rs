@@ -1,5 +1,13 @@
 use clap::Parser;
+use std::process::ExitCode;
 
-fn main() -> anyhow::Result<()> {
-    cathedral_controller::cli::run(cathedral_controller::cli::Cli::parse())
+fn main() -> ExitCode {
+    match cathedral_controller::cli::run(cathedral_controller::cli::Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line an operator can act on; no backtrace noise.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 import mlx_vlm.models.qwen3_5.language as vlm_language
+from mlx_lm.models.gated_delta import normalize_qk as lm_normalize_qk
 
 GREEDY_TOKENS = 32
 LOGIT_STRIDE = 997  # sampled vocabulary columns stored per position (full rows are 1 MB each)
@@ -44,16 +45,10 @@ IMAGE_SIZES = {"image64": (64, 64), "image100x60": (100, 60)}  # (width, height)
 
 
 def hf_normalize_qk(self, q, k):
-    """Hugging Face Gated DeltaNet: l2norm(x) = x * rsqrt(sum(x^2) + 1e-6); q also * d_k^-1/2.
-
-    Evaluated in float32 and rounded once to the activation dtype, as fused norms do."""
-
-    def l2norm(x):
-        x32 = x.astype(mx.float32)
-        return x32 * mx.rsqrt((x32 * x32).sum(axis=-1, keepdims=True) + 1e-6)
-
-    inv_scale = q.shape[-1] ** -0.5
-    return (l2norm(q) * inv_scale).astype(q.dtype), l2norm(k).astype(k.dtype)
+    """Hugging Face Gated DeltaNet q/k normalisation: l2norm(x) = x / sqrt(sum(x^2) + 1e-6), q also
+    scaled by d_k^-1/2. Evaluated as mlx-lm 0.32.2 does (`normalize_qk`): rms_norm with the eps
+    divided by d_k, which is the same function."""
+    return lm_normalize_qk(q, k, inv_scale=q.shape[-1] ** -0.5, eps=1e-6)
 
 
 vlm_language.Qwen3_5GatedDeltaNet._normalize_qk = hf_normalize_qk

@@ -569,3 +569,55 @@ fn plist_edit(a: PlistEditArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[test]
+    fn the_command_tree_is_consistent_and_the_field_report_deploy_parses() {
+        crate::cli::Cli::command().debug_assert();
+        let cli = crate::cli::Cli::try_parse_from([
+            "cathedralctl",
+            "deploy",
+            "--plist",
+            "/p.plist",
+            "--binary",
+            "/new/cathedral",
+            "--enable-vision",
+            "--flag",
+            "--max-images=4",
+            "--after",
+            "--no-plain",
+            "--max-rss",
+            "51G",
+            "--dry-run",
+        ])
+        .unwrap();
+        let crate::cli::Command::Deploy(d) = cli.command else {
+            panic!("not a deploy")
+        };
+        assert_eq!(d.flags, ["--max-images=4"]);
+        assert_eq!(d.after, ["--no-plain"]);
+        assert_eq!(d.max_rss, Some(ByteSize(51 << 30)));
+        assert!(d.enable_vision && d.dry_run);
+        assert!(crate::cli::Cli::try_parse_from([
+            "cathedralctl",
+            "deploy",
+            "--binary",
+            "/b",
+            "--enable-vision",
+            "--disable-vision"
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("300s").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("soon").is_err());
+    }
+}
