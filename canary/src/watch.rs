@@ -177,7 +177,10 @@ impl Watcher {
         let earliest_allowed = spec.start_of(now)
             - chrono::Duration::from_std(spec.length()).unwrap_or_default() * MAX_CATCH_UP_WINDOWS;
         let mut next = match self.judged_until {
-            Some(end) => end,
+            // The first boundary at or after the last judged window (a restart may have
+            // changed the window length).
+            Some(end) if spec.start_of(end) == end => end,
+            Some(end) => spec.end_of(spec.start_of(end)),
             None => match self.probes().map(|p| p.at).min() {
                 Some(first) => spec.start_of(first),
                 None => return Ok(Vec::new()),

@@ -128,7 +128,7 @@ fn healthy_runtime_passes_without_kill_switch() {
     assert_eq!(judged.len(), 2, "{judged:#?}");
     for v in &judged {
         assert_eq!(v.verdict, Verdict::Pass, "{v:#?}\n{}", server.log());
-        assert!(v.vision.probes >= 8, "{v:#?}");
+        assert!(v.vision.probes >= 5, "{v:#?}");
         assert_eq!(v.vision.successes, v.vision.probes);
         assert!(v.text_verdict.is_pass());
     }
@@ -313,7 +313,7 @@ fn suspended_watcher_records_a_gap_and_insufficient_data() {
         .collect();
     assert_eq!(gaps.len(), 1, "{gaps:#?}\n{log_on_failure}");
     let silent = (gaps[0].to - gaps[0].from).num_milliseconds();
-    assert!((12_000..16_000).contains(&silent), "gap of {silent} ms");
+    assert!((11_000..17_000).contains(&silent), "gap of {silent} ms");
     let judged = verdicts(&records);
     assert!(judged.len() >= 3, "{judged:#?}");
     assert!(!judged.iter().any(|v| v.verdict.is_breach()), "{judged:#?}");
@@ -360,7 +360,7 @@ fn killed_watcher_restarts_mid_window_without_losing_probes() {
         in_window.iter().filter(|p| p.at < restarted).count(),
         in_window.iter().filter(|p| p.at >= restarted).count(),
     );
-    assert!(halves.0 >= 3 && halves.1 >= 3, "{halves:?}");
+    assert!(halves.0 >= 2 && halves.1 >= 2, "{halves:?}");
     let judged = verdicts(&after);
     let v = judged
         .iter()

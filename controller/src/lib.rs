@@ -13,6 +13,7 @@ pub mod cli;
 pub mod deploy;
 pub mod edit;
 pub mod health;
+pub mod install;
 pub mod launchd;
 pub mod ledger;
 pub mod lint;

@@ -170,17 +170,40 @@ fn a_disabled_service_is_enabled_and_an_idle_one_kickstarted() {
 }
 
 #[test]
-fn a_program_that_exits_at_start_is_reported() {
+fn a_program_that_cannot_start_or_exits_at_start_is_reported() {
     let sb = Sandbox::new();
-    let label = Label::new("test.crash").unwrap();
-    let extra = "\t<key>KeepAlive</key>\n\t<dict>\n\t\t<key>SuccessfulExit</key>\n\t\t<false/>\n\t</dict>\n";
-    let plist = write_agent(&sb, label.as_str(), "exit 3", extra);
     let l = launchd(&sb);
+    let extra = "\t<key>KeepAlive</key>\n\t<dict>\n\t\t<key>SuccessfulExit</key>\n\t\t<false/>\n\t</dict>\n";
+    // Never runs: launchd records EX_CONFIG (78) and no pid ever appears.
+    let label = Label::new("test.missing").unwrap();
+    let p = sb.path("agents/test.missing.plist");
+    std::fs::write(
+        &p,
+        agent_xml(label.as_str(), &["/nonexistent/cathedral", "serve"], extra),
+    )
+    .unwrap();
+    match l.restart(&label, &PlistPath::new(p).unwrap()) {
+        Err(cathedral_controller::launchd::ServiceError::ExitedAtStart { last_exit }) => {
+            assert_eq!(last_exit, LastExit::Code(78))
+        }
+        other => panic!("expected ExitedAtStart, got {other:?}"),
+    }
+    // Runs for an instant: either no pid is ever seen, or the one seen is gone at once
+    // with its exit code recorded (the health gate's business).
+    let label = Label::new("test.crash").unwrap();
+    let plist = write_agent(&sb, label.as_str(), "exit 3", extra);
     match l.restart(&label, &plist) {
         Err(cathedral_controller::launchd::ServiceError::ExitedAtStart { last_exit }) => {
             assert_eq!(last_exit, LastExit::Code(3))
         }
-        other => panic!("expected ExitedAtStart, got {other:?}"),
+        Ok(r) => {
+            wait_until("the exit to be recorded", Duration::from_secs(5), || {
+                let st = l.status(&label).unwrap().unwrap();
+                st.running_pid().is_none() && st.last_exit == LastExit::Code(3)
+            });
+            assert!(!pid_alive(r.pid));
+        }
+        Err(e) => panic!("unexpected {e}"),
     }
 }
 

@@ -15,8 +15,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Serve the model over mTLS with an OpenAI-compatible API (see `serve --help`).
-    Serve(crate::server::ServeArgs),
+    /// Serve the model over mTLS with an OpenAI-compatible API.
+    Serve(Box<crate::server::ServeArgs>),
     /// Write the small random checkpoint used by tests and the README demo.
     TinyModel(crate::tiny::TinyModelArgs),
     /// Time the vision tower alone (random weights, real shapes), optionally against mlx-vlm.
@@ -25,7 +25,7 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(args) => crate::server::serve_command(args),
+        Command::Serve(args) => crate::server::serve_command(*args),
         Command::TinyModel(args) => Ok(crate::tiny::write_tiny_model(&args)?),
         Command::BenchVision(args) => crate::vision::bench::run_bench_vision(&args),
     }

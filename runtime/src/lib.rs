@@ -6,10 +6,10 @@
 //! Must not: fetch anything from the network at run time, fall back to random weights, or
 //! let the vision state change the text path.
 
-pub mod cli;
 pub mod api;
 pub mod atomic_file;
 pub mod certs;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod engine;

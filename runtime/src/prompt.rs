@@ -153,6 +153,7 @@ impl ChatTemplate {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
         });
         env.add_filter("tojson", py_tojson);
+        env.set_formatter(py_formatter);
         env.add_template_owned(TEMPLATE_NAME, source.clone())
             .map_err(|e| PromptError::Template(describe(&e)))?;
         Ok(Self { env, source })
@@ -257,6 +258,116 @@ fn describe(e: &minijinja::Error) -> String {
         source = s.source();
     }
     text
+}
+
+/// Prints `{{ value }}` as Jinja2 does: Python's `str()` for booleans, none and containers
+/// (`True`, `None`, `['a', 1]`); everything else as usual.
+fn py_formatter(
+    out: &mut minijinja::Output,
+    state: &minijinja::State,
+    value: &Value,
+) -> Result<(), minijinja::Error> {
+    use minijinja::value::ValueKind as K;
+    match value.kind() {
+        K::Bool | K::None | K::Seq | K::Map => {
+            let mut text = String::new();
+            py_repr(&mut text, value)?;
+            out.write_str(&text)
+                .map_err(|e| minijinja::Error::new(ErrorKind::WriteFailure, e.to_string()))
+        }
+        _ => minijinja::escape_formatter(out, state, value),
+    }
+}
+
+fn py_repr(out: &mut String, v: &Value) -> Result<(), minijinja::Error> {
+    use minijinja::value::ValueKind as K;
+    match v.kind() {
+        K::Undefined | K::None => out.push_str("None"),
+        K::Bool => out.push_str(if v.is_true() { "True" } else { "False" }),
+        K::String => py_str_repr(out, v.as_str().unwrap_or_default()),
+        K::Seq | K::Iterable => {
+            out.push('[');
+            for (i, item) in v.try_iter()?.enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                py_repr(out, &item)?;
+            }
+            out.push(']');
+        }
+        K::Map => {
+            out.push('{');
+            for (i, key) in v.try_iter()?.enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                py_repr(out, &key)?;
+                out.push_str(": ");
+                py_repr(out, &v.get_item(&key)?)?;
+            }
+            out.push('}');
+        }
+        _ => out.push_str(&v.to_string()),
+    }
+    Ok(())
+}
+
+/// Python's `str.isprintable` for the characters chat text carries: controls, format
+/// characters, separators other than the space, and private use are escaped by `repr`.
+fn py_printable(c: char) -> bool {
+    let n = c as u32;
+    !(c.is_control()
+        || matches!(
+            n,
+            0xa0 | 0xad
+                | 0x600..=0x605
+                | 0x61c
+                | 0x6dd
+                | 0x70f
+                | 0x1680
+                | 0x180e
+                | 0x2000..=0x200f
+                | 0x2028..=0x202f
+                | 0x205f..=0x2064
+                | 0x2066..=0x206f
+                | 0x3000
+                | 0xe000..=0xf8ff
+                | 0xfeff
+                | 0xfff9..=0xfffb
+                | 0xf0000..
+        ))
+}
+
+/// Python's `repr(str)`: single quotes unless only double quotes avoid escaping.
+fn py_str_repr(out: &mut String, s: &str) {
+    let quote = if s.contains('\'') && !s.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
+    out.push(quote);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c == quote => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if !py_printable(c) => {
+                let n = c as u32;
+                out.push_str(&match n {
+                    0..=0xff => format!("\\x{n:02x}"),
+                    0x100..=0xffff => format!("\\u{n:04x}"),
+                    _ => format!("\\U{n:08x}"),
+                });
+            }
+            c => out.push(c),
+        }
+    }
+    out.push(quote);
 }
 
 /// `json.dumps` as the Hugging Face renderer calls it: no HTML escaping, non-ASCII kept,

@@ -67,6 +67,12 @@ const STRICT_TEMPLATE: &str = r#"{%- for m in messages %}
 {%- endfor %}
 "#;
 
+/// Prints values the way Python does (`True`, `None`, list and dict reprs).
+const PRINT_TEMPLATE: &str = r#"{{ add_generation_prompt }} {{ tools }} {{ messages | length > 1 }}
+{{ messages[0] }}
+{{ messages | map(attribute='role') | list }} {{ [1, 'a"b', "it's", none, true, 2.5, "tab\there"] }}
+"#;
+
 fn image() -> ContentPart {
     ContentPart::Image(DecodedImage::from_rgb(image::RgbImage::new(3, 2)))
 }
@@ -137,6 +143,7 @@ fn templates_render_as_python_jinja2_renders_them() {
         ("builtin", CHAT_TEMPLATE),
         ("rich", RICH_TEMPLATE),
         ("strict", STRICT_TEMPLATE),
+        ("print", PRINT_TEMPLATE),
     ];
     let convs = conversations();
     let mut cases = Vec::new();

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use cathedral_runtime::cli::{Cli, Command};
-use cathedral_runtime::tiny::write_tiny_model;
+use cathedral_runtime::tiny::{tiny_preprocessor_config, write_tiny_model};
+use cathedral_runtime::vision::preprocess::{preprocess, DecodedImage, PreprocessConfig};
 use cathedral_runtime::vision::{
     mrope_position_ids, rope_delta, TowerOptions, VisionConfig, VisionTower,
 };
@@ -30,6 +31,7 @@ fn fixture_dir() -> PathBuf {
 struct Reference {
     checkpoint: CheckpointInfo,
     grids: Vec<[u32; 3]>,
+    image_sizes_wh: Vec<[u32; 2]>,
     input_ids: Vec<u32>,
     position_ids: Vec<Vec<i32>>,
     rope_delta: i32,
@@ -201,6 +203,40 @@ fn f32_features_match_mlx_vlm() {
     let d = max_abs_diff(&out, &feats["features_both_f32"]);
     println!("both images: max |Δ| = {d:e}");
     assert!(d <= 1e-4, "both: max |Δ| {d}");
+}
+
+/// The reference script's test image: pixel (x, y) = (x·255 / (w−1), y·255 / (h−1), (x+y) mod 256).
+fn test_image(width: u32, height: u32) -> DecodedImage {
+    DecodedImage::from_rgb(image::RgbImage::from_fn(width, height, |x, y| {
+        image::Rgb([
+            (x * 255 / (width - 1).max(1)) as u8,
+            (y * 255 / (height - 1).max(1)) as u8,
+            ((x + y) % 256) as u8,
+        ])
+    }))
+}
+
+/// Our preprocessing feeding our tower, against the Hugging Face processor feeding mlx-vlm's.
+#[test]
+fn preprocessed_images_match_mlx_vlm() {
+    let r = reference();
+    let feats = reference_features();
+    let tower = tower(Dtype::Float32);
+    let pre = PreprocessConfig::from_json(&tiny_preprocessor_config().to_string()).unwrap();
+    for (k, &[w, h]) in r.image_sizes_wh.iter().enumerate() {
+        let patches = preprocess(&test_image(w, h), &pre).unwrap();
+        assert_eq!(patches.grid_thw, r.grids[k], "image {k} grid");
+        let row_len = (patches.data.len() / patches.rows) as i32;
+        let pixels = Array::from_slice(&patches.data, &[patches.rows as i32, row_len]);
+        let out = tower.forward(&pixels, &[patches.grid_thw]).unwrap();
+        let want = &feats[&format!("features_processed_{k}_f32")];
+        let d = max_abs_diff(&out, want);
+        println!(
+            "processed image {k} ({w}x{h}): max |Δ| = {d:e} (max |ref| {})",
+            max_abs(want)
+        );
+        assert!(d <= 1e-4, "image {k}: max |Δ| {d}");
+    }
 }
 
 #[test]

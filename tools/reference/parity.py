@@ -144,6 +144,9 @@ def image_reference(model_dir, case, out, prefix, cols, full, fixtures_dir):
 
     logits = model(input_ids, pixel_values=pixel_values, image_grid_thw=grid).logits
     record_logits(out, prefix, logits, cols)
+    if prefix.endswith(".bf16"):
+        features, _ = model.vision_tower(pixel_values.astype(mx.bfloat16), grid)
+        out[f"{prefix}.features"] = np.array(features.astype(mx.float32))
     if full:
         out[f"{prefix}.input_ids"] = np.array(input_ids, dtype=np.int32)[0]
         # The processor's values are (u8 / 255 - 0.5) / 0.5 of a resized 8-bit image: stored as
@@ -216,6 +219,7 @@ def main():
     convert(args.f32, args.q4, quantize=True, q_bits=4, q_group_size=32)
     vlm_text_reference(args.q4, text_ids, out, "text.q4", cols)
     vlm_text_reference(args.f32, text_ids, out, "text.vlm_f32", cols)
+    vlm_text_reference(args.bf16, text_ids, out, "text.vlm_bf16", cols)
     image_reference(args.q4, "image64", out, "image64.q4", cols, False, args.out)
 
     mx.save_safetensors(os.path.join(args.out, "reference.safetensors"), {k: mx.array(v) for k, v in sorted(out.items())})

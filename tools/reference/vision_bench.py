@@ -55,6 +55,12 @@ def main() -> None:
         "runs_s": runs,
         "peak_bytes": mx.get_peak_memory(),
     }
+    ours = args.dir / "vision_bench_output.safetensors"
+    if ours.is_file():
+        out, _ = tower(pixels.astype(dtype), grid)
+        ref = out.astype(mx.float32)
+        result["max_abs_diff"] = mx.abs(mx.load(str(ours))["features"] - ref).max().item()
+        result["max_abs_ref"] = mx.abs(ref).max().item()
     if args.profile:
         result["stages"] = profile(tower, pixels.astype(dtype), grid, args.runs)
     print(json.dumps(result))

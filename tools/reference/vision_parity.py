@@ -17,6 +17,8 @@ What is compared:
   cast to bf16. The pixel rows are a fixed integer-hash pattern (regenerated bit-exactly in
   Rust) so that the fixture stays small; the tower is tested in isolation from
   preprocessing.
+- the tower's output on the processor's own pixel rows for those two images (regenerated in
+  Rust and preprocessed there), which checks preprocessing and tower together.
 - MRoPE position ids of a prompt with text around two images, from mlx-vlm's
   `get_rope_index` (the language model is not run, so the Gated DeltaNet normalisation
   difference of mlx-vlm 0.7.6 does not matter here).
@@ -48,11 +50,18 @@ def pixel_rows(rows: int, cols: int) -> np.ndarray:
     return (h.astype(np.float64) / float(1 << 32) * 2.0 - 1.0).astype(np.float32).reshape(rows, cols)
 
 
-def processor_grid(processor, width: int, height: int) -> list[int]:
+def test_image(width: int, height: int) -> Image.Image:
+    """Pixel (x, y) = (x*255 // (w-1), y*255 // (h-1), (x+y) mod 256): regenerated in Rust."""
     yy, xx = np.mgrid[0:height, 0:width]
     rgb = np.stack([xx * 255 // max(width - 1, 1), yy * 255 // max(height - 1, 1), (xx + yy) % 256], -1)
-    out = processor(images=[Image.fromarray(rgb.astype(np.uint8), "RGB")])
-    return [int(v) for v in np.asarray(out["image_grid_thw"])[0]]
+    return Image.fromarray(rgb.astype(np.uint8), "RGB")
+
+
+def processed(processor, width: int, height: int) -> tuple[list[int], np.ndarray]:
+    """The Hugging Face processor's patch grid and pixel rows for the test image."""
+    out = processor(images=[test_image(width, height)])
+    grid = [int(v) for v in np.asarray(out["image_grid_thw"])[0]]
+    return grid, np.asarray(out["pixel_values"], dtype=np.float32)
 
 
 def load_tower(checkpoint: Path, vision_config: dict) -> VisionModel:
@@ -88,7 +97,8 @@ def main() -> None:
         image_mean=pre["image_mean"],
         image_std=pre["image_std"],
     )
-    grids = [processor_grid(processor, w, h) for (w, h) in IMAGE_SIZES]
+    processed_images = [processed(processor, w, h) for (w, h) in IMAGE_SIZES]
+    grids = [g for g, _ in processed_images]
 
     tower, weights = load_tower(args.checkpoint, config["vision_config"])
     vc = config["vision_config"]
@@ -107,6 +117,11 @@ def main() -> None:
             tensors[f"features_{k}_{dtype_name}"] = out.astype(mx.float32)
         out, _ = tower(mx.array(both).astype(dtype), mx.array(grids))
         tensors[f"features_both_{dtype_name}"] = out.astype(mx.float32)
+        if dtype is mx.float32:
+            # The processor's own pixels: checks preprocessing and tower together.
+            for k, (g, px) in enumerate(processed_images):
+                out, _ = tower(mx.array(px), mx.array([g]))
+                tensors[f"features_processed_{k}_f32"] = out.astype(mx.float32)
     mx.eval(tensors)
 
     # MRoPE positions over text + two images, from mlx-vlm's language model.

@@ -232,3 +232,70 @@ fn run_report(a: ReportArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    #[test]
+    fn watch_parses_documented_flags() {
+        let cli = Cli::try_parse_from([
+            "cathedralctl",
+            "canary",
+            "watch",
+            "--target",
+            "https://mini.local:1337",
+            "--cert",
+            "c.pem",
+            "--key",
+            "c.key",
+            "--ca",
+            "ca.pem",
+            "--interval",
+            "60s",
+            "--window",
+            "1h",
+            "--slo-success",
+            "0.99",
+            "--slo-p95",
+            "10s",
+            "--breaches",
+            "3",
+            "--state",
+            "/tmp/s",
+            "--notify",
+            "logger canary",
+        ])
+        .unwrap();
+        let Command::Canary(super::CanaryCommand::Watch(w)) = cli.command else {
+            panic!("not canary watch");
+        };
+        assert_eq!(w.window, std::time::Duration::from_secs(3600));
+        assert_eq!(w.slo_p95, std::time::Duration::from_secs(10));
+        assert_eq!(w.auto_release, None);
+        let cli =
+            Cli::try_parse_from(["cathedralctl", "canary", "report", "--since", "3d"]).unwrap();
+        let Command::Canary(super::CanaryCommand::Report(r)) = cli.command else {
+            panic!("not canary report");
+        };
+        assert_eq!(r.since, std::time::Duration::from_secs(3 * 86_400));
+        assert!(Cli::try_parse_from([
+            "cathedralctl",
+            "canary",
+            "watch",
+            "--target",
+            "https://x:1",
+            "--cert",
+            "c",
+            "--key",
+            "k",
+            "--ca",
+            "a",
+            "--kill-switch-file",
+            "/ks",
+            "--no-kill-switch",
+        ])
+        .is_err());
+    }
+}

@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 pub mod canary;
 pub mod certs;
+pub mod install;
 pub mod killswitch;
 pub mod probe;
 pub mod service;
@@ -43,6 +44,10 @@ pub enum Command {
     /// Certificates for mTLS: a CA, the server, the clients.
     #[command(subcommand)]
     Certs(certs::CertsCommand),
+    /// Install the runtime, the canary watcher (and the scanner) as launchd agents.
+    Install(install::InstallArgs),
+    /// Stop and remove the agents `install` put in place, keeping a backup of each plist.
+    Uninstall(install::UninstallArgs),
     /// The runtime's vision kill switch.
     Killswitch(killswitch::KillSwitchArgs),
 }
@@ -58,6 +63,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Backups(args) => service::backups(args),
         Command::Plist(cmd) => service::plist(cmd),
         Command::Certs(cmd) => certs::run(cmd),
+        Command::Install(a) => install::install(a),
+        Command::Uninstall(a) => install::uninstall(a),
         Command::Killswitch(args) => killswitch::run(args),
     }
 }

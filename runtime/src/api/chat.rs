@@ -52,9 +52,21 @@ async fn handle(state: Arc<AppState>, req: Request) -> Result<Response, ApiError
             format!("the request body is larger than {limit} bytes (--max-body-bytes); send smaller images or fewer messages"),
         )
     };
-    let body = read_body(req.into_body(), limit)
-        .await
-        .map_err(|_| too_large())?;
+    // A body trickled in slower than the request timeout holds a connection for nothing.
+    let body = tokio::time::timeout(
+        state.limits.request_timeout,
+        read_body(req.into_body(), limit),
+    )
+    .await
+    .map_err(|_| {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            "request_timeout",
+            "the request body did not arrive within --request-timeout; send it in one go",
+        )
+    })?
+    .map_err(|_| too_large())?;
     let request = parse_request(&body)?;
     drop(body);
     if let Some(model) = &request.model {

@@ -195,10 +195,15 @@ fn time_variant(
     })
 }
 
-fn python_peer(
-    python: &Path,
-    args: &BenchVisionArgs,
-) -> anyhow::Result<(Timing, Option<StageTimes>)> {
+/// What the Python peer reports besides its timings.
+struct PeerReport {
+    timing: Timing,
+    stages: Option<StageTimes>,
+    /// max |ours − mlx-vlm| and max |mlx-vlm| over the output features.
+    agreement: Option<(f64, f64)>,
+}
+
+fn python_peer(python: &Path, args: &BenchVisionArgs) -> anyhow::Result<PeerReport> {
     // From the repository root when run there, else from where this crate was built.
     let relative = Path::new("tools/reference/vision_bench.py");
     let script = if relative.is_file() {
@@ -248,7 +253,12 @@ fn python_peer(
         runs,
         peak_bytes: v["peak_bytes"].as_u64(),
     };
-    Ok((timing, stages))
+    let agreement = v["max_abs_diff"].as_f64().zip(v["max_abs_ref"].as_f64());
+    Ok(PeerReport {
+        timing,
+        stages,
+        agreement,
+    })
 }
 
 pub fn run_bench_vision(args: &BenchVisionArgs) -> anyhow::Result<()> {
@@ -353,6 +363,13 @@ pub fn run_bench_vision(args: &BenchVisionArgs) -> anyhow::Result<()> {
         timings.push(time_variant(&tower, label, &pixels, grid, args)?);
     }
     tower.set_options(shipped);
+    // The shipped output, for the peer to compare: a fast wrong answer is worth nothing.
+    let features = tower.forward(&pixels, &[grid])?.as_dtype(Dtype::Float32)?;
+    Array::save_safetensors(
+        [("features", &features)],
+        None,
+        args.dir.join("vision_bench_output.safetensors"),
+    )?;
     let ours_stages = if args.profile {
         Some(profile_stages(&tower, &pixels, grid, args.runs)?)
     } else {
@@ -360,8 +377,13 @@ pub fn run_bench_vision(args: &BenchVisionArgs) -> anyhow::Result<()> {
     };
     let (reference, reference_stages) = match &args.python {
         Some(py) => {
-            let (t, s) = python_peer(py, args)?;
-            (Some(t), s)
+            let report = python_peer(py, args)?;
+            if let Some((diff, scale)) = report.agreement {
+                println!(
+                    "output vs mlx-vlm on the same weights and pixels: max |Δ| {diff:.3e} (max |ref| {scale:.3e})"
+                );
+            }
+            (Some(report.timing), report.stages)
         }
         None => (None, None),
     };
