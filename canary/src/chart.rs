@@ -110,6 +110,7 @@ fn draw<DB: DrawingBackend>(
     // Success ratio.
     let mut chart = ChartBuilder::on(&upper)
         .margin(16)
+        .margin_right(48)
         .x_label_area_size(30)
         .y_label_area_size(70)
         .build_cartesian_2d(0.0..span.max(1.0), 0.0..105.0)?;
@@ -191,6 +192,7 @@ fn draw<DB: DrawingBackend>(
         * 1.15;
     let mut chart = ChartBuilder::on(&lower)
         .margin(16)
+        .margin_right(48)
         .x_label_area_size(40)
         .y_label_area_size(70)
         .build_cartesian_2d(0.0..span.max(1.0), 0.0..top)?;

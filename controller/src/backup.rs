@@ -42,8 +42,10 @@ pub struct Backup {
     pub path: PathBuf,
     pub tag: String,
     pub taken_at: NaiveDateTime,
-    /// Tie-breaker for two backups in the same second (`-2`, `-3`...).
+    /// Tie-breaker for two backups with the same tag in the same second (`-2`, `-3`...).
     pub seq: u32,
+    /// Orders backups with different tags taken in the same second.
+    pub modified: Option<std::time::SystemTime>,
 }
 
 impl fmt::Display for Backup {
@@ -83,6 +85,7 @@ impl Backup {
             tag: tag.to_string(),
             taken_at,
             seq,
+            modified: std::fs::metadata(&path).and_then(|m| m.modified()).ok(),
         })
     }
 }
@@ -103,11 +106,13 @@ pub fn take(plist: &PlistPath, tag: &BackupTag, bytes: &[u8]) -> std::io::Result
         path = plist.dir().join(format!("{base}-{seq}"));
     }
     atomic::write_atomic(&path, bytes, None, |_| Ok(()))?;
+    let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
     Ok(Backup {
         path,
         tag: tag.as_str().to_string(),
         taken_at: now.with_nanosecond_zeroed(),
         seq,
+        modified,
     })
 }
 
@@ -132,7 +137,7 @@ pub fn list(plist: &PlistPath) -> std::io::Result<Vec<Backup>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(e),
     };
-    out.sort_by_key(|b| std::cmp::Reverse((b.taken_at, b.seq)));
+    out.sort_by_key(|b| std::cmp::Reverse((b.taken_at, b.modified, b.seq)));
     Ok(out)
 }
 

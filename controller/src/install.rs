@@ -126,8 +126,12 @@ pub struct Rendered {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Created,
-    Updated { backup: PathBuf },
+    Updated {
+        backup: PathBuf,
+    },
     Unchanged,
+    /// The definition on disk differs from the template (a deploy changed it) and was kept.
+    Kept,
 }
 
 #[derive(Debug, Clone)]
@@ -285,10 +289,13 @@ pub struct InstallReport {
     pub agents: Vec<AgentReport>,
 }
 
+/// `overwrite`: replace definitions that differ from the templates (after a backup);
+/// without it they are kept, so a second install never undoes a deploy.
 pub fn install(
     spec: &InstallSpec,
     services: &dyn ServiceManager,
     dry_run: bool,
+    overwrite: bool,
 ) -> Result<InstallReport, InstallError> {
     spec.check()?;
     let mut dirs_created = Vec::new();
@@ -303,7 +310,7 @@ pub fn install(
     let certs = spec.ensure_certs(dry_run)?;
     let mut agents = Vec::new();
     for r in spec.render()? {
-        agents.push(place_agent(&r, services, dry_run)?);
+        agents.push(place_agent(&r, services, dry_run, overwrite)?);
     }
     Ok(InstallReport {
         dirs_created,
@@ -316,6 +323,7 @@ fn place_agent(
     r: &Rendered,
     services: &dyn ServiceManager,
     dry_run: bool,
+    overwrite: bool,
 ) -> Result<AgentReport, InstallError> {
     let path = r.path.as_path();
     let current = match std::fs::read(path) {
@@ -333,8 +341,12 @@ fn place_agent(
     };
     let loaded = services.status(&r.label)?.is_some();
     let (outcome, service) = match &current {
-        Some(old) if *old == r.xml => (
-            Outcome::Unchanged,
+        Some(old) if *old == r.xml || !overwrite => (
+            if *old == r.xml {
+                Outcome::Unchanged
+            } else {
+                Outcome::Kept
+            },
             if loaded {
                 "already running"
             } else {
@@ -360,7 +372,7 @@ fn place_agent(
         ),
     };
     if !dry_run {
-        if outcome != Outcome::Unchanged {
+        if matches!(outcome, Outcome::Created | Outcome::Updated { .. }) {
             atomic::write_atomic(path, &r.xml, Some(0o644), |_| Ok(()))
                 .map_err(io("writing", path))?;
         }

@@ -164,6 +164,20 @@ fn install_is_idempotent_serves_and_uninstall_keeps_backups() {
         "second install restarted the runtime"
     );
 
+    // A deploy changes the live definition; installing again keeps it (never undoes a deploy).
+    let runtime_plist = agents.join("com.cathedral.runtime.plist");
+    let deployed = std::fs::read_to_string(&runtime_plist).unwrap().replace(
+        "<string>--no-plain</string>",
+        "<string>--no-plain</string>\n\t\t<string>--vision-enabled</string>",
+    );
+    std::fs::write(&runtime_plist, &deployed).unwrap();
+    let third = ok(
+        install_args(&[]).output().unwrap(),
+        "install after a deploy",
+    );
+    assert!(third.contains("kept"), "{third}");
+    assert_eq!(std::fs::read_to_string(&runtime_plist).unwrap(), deployed);
+
     // Uninstall: services gone, plists removed, a backup of each kept, records kept.
     let un = ok(
         sb.ctl(&["uninstall", "--prefix"])

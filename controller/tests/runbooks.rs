@@ -226,6 +226,40 @@ fn substitute(line: &str) -> String {
     out
 }
 
+/// The commands inside `$(...)`, outermost first.
+fn command_substitutions(line: &str) -> Vec<String> {
+    let chars: Vec<char> = line.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i + 1 < chars.len() {
+        if chars[i] == '$' && chars[i + 1] == '(' {
+            let mut depth = 0;
+            let mut j = i + 1;
+            while j < chars.len() {
+                match chars[j] {
+                    '(' => depth += 1,
+                    ')' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+                j += 1;
+            }
+            let inner: String = chars[i + 2..j.min(chars.len())].iter().collect();
+            let nested = command_substitutions(&inner);
+            out.push(inner);
+            out.extend(nested);
+            i = j + 1;
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
 /// Splits a command line on `&&`, `||`, `;` and `|` outside quotes.
 fn split_compound(line: &str) -> Vec<String> {
     let mut parts = Vec::new();
@@ -335,7 +369,9 @@ fn check_runbook(file: &str, markdown: &str) -> (usize, Vec<String>) {
     let mut count = 0;
     let mut failures = Vec::new();
     for step in sh_steps(file, markdown) {
-        for segment in split_compound(&substitute(&step.text)) {
+        let mut lines = vec![step.text.clone()];
+        lines.extend(command_substitutions(&step.text));
+        for segment in lines.iter().flat_map(|l| split_compound(&substitute(l))) {
             match invocation(&segment) {
                 Ok(None) => {}
                 Ok(Some((prog, args))) => {
@@ -392,10 +428,11 @@ fn a_drifted_flag_or_subcommand_is_caught_with_its_line() {
               cathedralctl deploy --binary \"$X/cathedral\" \\\n  --enable-visoin\n\
               echo ok && \"$X/cathedralctl\" canary wach --state \"$X\" | tail\n\
               for i in $(seq 3); do cathedral serve --modle \"$X\" >/dev/null 2>&1 && break; done\n\
-              cathedral --version\n```\n\n```text\ncathedralctl not-a-command\n```\n";
+              cathedral --version\n\
+              export B=\"$(cathedralctl status --bogus | awk '/^binary/ {print $2}')\"\n```\n\n```text\ncathedralctl not-a-command\n```\n";
     let (count, failures) = check_runbook("t.md", md);
-    assert_eq!(count, 5, "{failures:?}");
-    assert_eq!(failures.len(), 3, "{failures:#?}");
+    assert_eq!(count, 6, "{failures:?}");
+    assert_eq!(failures.len(), 4, "{failures:#?}");
     assert!(
         failures[0].starts_with("runbooks/t.md:6:"),
         "{}",
@@ -414,6 +451,12 @@ fn a_drifted_flag_or_subcommand_is_caught_with_its_line() {
         failures[2]
     );
     assert!(failures[2].contains("--modle"), "{}", failures[2]);
+    assert!(
+        failures[3].starts_with("runbooks/t.md:11:"),
+        "{}",
+        failures[3]
+    );
+    assert!(failures[3].contains("--bogus"), "{}", failures[3]);
 
     let steps = sh_steps("t.md", "```sh\n# expect: fails\nfalse # why\ntrue\n```\n");
     assert_eq!(
@@ -442,7 +485,6 @@ struct Operator {
     sb: Sandbox,
     env: Vec<(String, String)>,
     port: u16,
-    log: String,
 }
 
 impl Operator {
@@ -479,12 +521,7 @@ impl Operator {
             ("BUILT".into(), built.display().to_string()),
             ("RUST_LOG".into(), "info".into()),
         ];
-        Operator {
-            sb,
-            env,
-            port,
-            log: String::new(),
-        }
+        Operator { sb, env, port }
     }
 
     fn home(&self, rel: &str) -> PathBuf {
@@ -493,7 +530,7 @@ impl Operator {
 
     /// Runs every step of a runbook in order, each with `sh -c` after the variables defined
     /// so far, and checks its exit status.
-    fn follow(&mut self, runbook: &str) {
+    fn follow(&self, runbook: &str) {
         let text = std::fs::read_to_string(runbooks_dir().join(runbook)).unwrap();
         let steps = sh_steps(runbook, &text);
         assert!(!steps.is_empty(), "{runbook} has no steps");
@@ -505,10 +542,8 @@ impl Operator {
                 cmd = cmd.replace(from, to);
             }
             let (code, out) = self.sh(&format!("{prelude}{cmd}"), &step);
-            self.log.push_str(&format!(
-                "$ {cmd}   [{} → exit {code:?}]\n{out}\n",
-                step.at()
-            ));
+            // The transcript: shown by the test harness when a test fails (or with --nocapture).
+            eprint!("$ {cmd}   [{} → exit {code:?}]\n{out}\n", step.at());
             let ok = match step.expect {
                 Expect::Success => code == Some(0),
                 Expect::Failure => code.is_some_and(|c| c != 0),
@@ -615,15 +650,13 @@ fn served(p: &std::process::Output) -> bool {
 #[test]
 fn deploy_kill_switch_and_rollback_runbooks_run_end_to_end() {
     let t0 = Instant::now();
-    let mut op = Operator::new();
+    let op = Operator::new();
     op.follow("deploy.md");
     // The new release serves text and images, with --vision-enabled after --no-plain.
     let args = op.runtime_args();
     assert_eq!(
         Path::new(&args[0]),
         op.home(".cathedral/releases/d9ddc93/cathedral"),
-        "{}",
-        op.log
     );
     let np = args.iter().position(|a| a == "--no-plain").unwrap();
     assert_eq!(args[np + 1], "--vision-enabled");
@@ -653,9 +686,15 @@ fn deploy_kill_switch_and_rollback_runbooks_run_end_to_end() {
 #[test]
 fn vision_burn_in_runbook_runs_end_to_end_with_compressed_time() {
     let t0 = Instant::now();
-    let mut op = Operator::new();
+    let op = Operator::new();
     op.follow("deploy.md");
     op.follow("vision-burn-in.md");
+    // The watcher agent runs at the compressed cadence (the runbook still says 60 s / 1 h).
+    let canary = op.home("Library/LaunchAgents/com.cathedral.canary.plist");
+    let canary = std::fs::read_to_string(canary).unwrap();
+    for want in ["<string>1s</string>", "<string>4s</string>"] {
+        assert!(canary.contains(want), "time was not compressed:\n{canary}");
+    }
     // The watcher agent is running and its verdict is written.
     let loaded = op.sb.loaded();
     assert!(
@@ -664,7 +703,7 @@ fn vision_burn_in_runbook_runs_end_to_end_with_compressed_time() {
     );
     let report = op.home(".cathedral/canary/report");
     let txt = std::fs::read_to_string(report.join("report.txt")).unwrap();
-    assert!(txt.contains("burn-in PASSED"), "{txt}\n{}", op.log);
+    assert!(txt.contains("burn-in PASSED"), "{txt}");
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(report.join("report.json")).unwrap()).unwrap();
     assert!(json.is_object(), "{json}");

@@ -21,6 +21,8 @@ pub enum Command {
     TinyModel(crate::tiny::TinyModelArgs),
     /// Time the vision tower alone (random weights, real shapes), optionally against mlx-vlm.
     BenchVision(crate::vision::bench::BenchVisionArgs),
+    /// Time a checkpoint phase by phase (vision tower, prefill, decode) for scripts/bench.
+    Bench(crate::bench::BenchArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -28,5 +30,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => crate::server::serve_command(*args),
         Command::TinyModel(args) => Ok(crate::tiny::write_tiny_model(&args)?),
         Command::BenchVision(args) => crate::vision::bench::run_bench_vision(&args),
+        Command::Bench(args) => crate::bench::run_bench(&args),
     }
 }

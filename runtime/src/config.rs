@@ -153,7 +153,7 @@ impl TextConfig {
     pub fn is_linear_layer(&self, i: usize) -> bool {
         match &self.layer_types {
             Some(types) if types.len() == self.num_hidden_layers => types[i] == "linear_attention",
-            _ => (i + 1) % self.full_attention_interval != 0,
+            _ => !(i + 1).is_multiple_of(self.full_attention_interval),
         }
     }
 

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod atomic_file;
+pub mod bench;
 pub mod certs;
 pub mod cli;
 pub mod client;

@@ -555,7 +555,9 @@ fn quant_plan(
     } else {
         (group_size, bits)
     };
-    (shape[shape.len() - 1] % g as usize == 0).then(|| (module.to_string(), g, b))
+    shape[shape.len() - 1]
+        .is_multiple_of(g as usize)
+        .then(|| (module.to_string(), g, b))
 }
 
 /// MLX affine quantization of one tensor: packed `weight` (uint32), `scales`, `biases`.

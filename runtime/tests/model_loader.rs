@@ -79,7 +79,7 @@ fn max_abs_diff(a: &Array, b: &Array) -> f32 {
         .unwrap()
         .max(None)
         .unwrap()
-        .item::<f32>()
+        .item_exact::<f32>()
 }
 
 fn unmatched(dir: &Path) -> (Vec<String>, Vec<String>, Vec<String>) {
@@ -323,4 +323,46 @@ fn eight_bit_checkpoint_loads_quantized_and_tracks_fp32() {
     let d = max_abs_diff(&text_logits(q8.path()), &text_logits(base.path()));
     println!("8-bit vs fp32: max |Δlogit| = {d:.3e}");
     assert!(d < 0.1, "8-bit logits drift {d} from fp32");
+}
+
+#[test]
+fn tiny_model_is_deterministic_and_fully_random() {
+    let _g = MLX.lock().unwrap_or_else(|e| e.into_inner());
+    let (a, b) = (tiny(None), tiny(None));
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+    ] {
+        let (x, y) = (
+            std::fs::read(a.path().join(f)).unwrap(),
+            std::fs::read(b.path().join(f)).unwrap(),
+        );
+        assert!(x == y, "{f} differs between two runs with the same seed");
+    }
+    let other = tempfile::tempdir().unwrap();
+    write_tiny_model(&TinyModelArgs {
+        out: other.path().to_path_buf(),
+        seed: 4,
+        dtype: TinyDtype::F32,
+        q_bits: None,
+        q_group_size: 32,
+    })
+    .unwrap();
+    assert!(
+        std::fs::read(a.path().join("model.safetensors")).unwrap()
+            != std::fs::read(other.path().join("model.safetensors")).unwrap()
+    );
+    // No tensor is constant: norms and biases are random too.
+    for (name, t) in tensors(a.path()) {
+        let spread = t
+            .max(None)
+            .unwrap()
+            .subtract(t.min(None).unwrap())
+            .unwrap()
+            .item_exact::<f32>();
+        assert!(spread > 0.0, "{name} is constant");
+    }
 }

@@ -12,6 +12,7 @@ use cathedral_runtime::model::{LanguageModel, LayerCache, LogitsScope};
 use cathedral_runtime::prompt::{ChatMessage, ContentPart, Role};
 use cathedral_runtime::tiny::{write_tiny_model, TinyDtype, TinyModelArgs};
 use cathedral_runtime::vision::mrope_position_ids;
+use cathedral_runtime::vision::preprocess::{decode_image, ImageLimits};
 use mlx_rs::ops::indexing::IndexOp;
 use mlx_rs::{ops, Array, Dtype};
 use sha2::{Digest, Sha256};
@@ -83,7 +84,7 @@ fn max_abs_diff(a: &Array, b: &Array) -> f32 {
         .unwrap()
         .subtract(b.as_dtype(Dtype::Float32).unwrap())
         .unwrap();
-    d.abs().unwrap().max(None).unwrap().item::<f32>()
+    d.abs().unwrap().max(None).unwrap().item_exact::<f32>()
 }
 
 fn argmax_rows(logits: &Array) -> Vec<u32> {
@@ -115,10 +116,12 @@ fn text_inputs(lm: &LanguageModel, ids: &[u32]) -> PromptInputs {
 fn image_inputs(model: &LoadedModel, r: &Reference, case: &str) -> PromptInputs {
     let ids = r.ids(&format!("{case}.f32.input_ids"));
     let u8s = r.get(&format!("{case}.f32.pixel_u8"));
+    // The reference processor's arithmetic bit for bit: `u8 · f32(1/255)` in f32 (a division
+    // by 255 differs in the last bit for most levels, which bf16 rounding then exposes).
     let pixels = u8s
         .as_dtype(Dtype::Float32)
         .unwrap()
-        .divide(Array::from_f32(255.0))
+        .multiply(Array::from_f32((1.0f64 / 255.0) as f32))
         .unwrap()
         .subtract(Array::from_f32(0.5))
         .unwrap()
@@ -447,5 +450,62 @@ fn engine_prompt_and_greedy_text_match_reference() {
     assert_eq!(out.completion_tokens, 32);
     assert_eq!(out.text, expected);
     assert_eq!(streamed, expected);
-    let _ = ContentPart::Text(String::new());
+}
+
+#[test]
+fn engine_image_prompt_matches_reference_end_to_end() {
+    let _g = MLX.lock().unwrap_or_else(|e| e.into_inner());
+    let r = Reference::load();
+    let dir = checkpoint(r.seed(), TinyDtype::F32, None);
+    let mut engine = Engine::load(
+        dir.path(),
+        &EngineOptions {
+            vision_enabled: true,
+        },
+    )
+    .unwrap();
+    let png = std::fs::read(fixtures_dir().join("image64.png")).unwrap();
+    let image = decode_image(&png, &ImageLimits::default()).unwrap();
+    let prompt_text = r.meta["image_prompt"].as_str().unwrap().to_string();
+    let messages = vec![ChatMessage {
+        role: Role::User,
+        content: vec![ContentPart::Image(image), ContentPart::Text(prompt_text)],
+    }];
+    let prompt = engine.prepare(&messages).unwrap();
+    assert_eq!(
+        prompt.token_ids(),
+        r.ids("image64.f32.input_ids").as_slice(),
+        "template + pads + tokenizer"
+    );
+    let ours = &prompt.images()[0];
+    let reference: Vec<f32> = r
+        .get("image64.f32.pixel_u8")
+        .as_slice::<u8>()
+        .iter()
+        .map(|&u| (u as f32 / 255.0 - 0.5) / 0.5)
+        .collect();
+    let pixel_delta = ours
+        .data
+        .iter()
+        .zip(&reference)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    println!("engine image64: preprocessing max |Δpixel| = {pixel_delta:.3e}");
+    assert_eq!(ours.data.len(), reference.len());
+    let params = SamplingParams {
+        temperature: 0.0,
+        max_tokens: 32,
+        ..Default::default()
+    };
+    let out = engine
+        .generate(&prompt, &params, &mut |_| {
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap();
+    let expected = engine
+        .tokenizer()
+        .decode(&r.ids("image64.f32.greedy"), false)
+        .unwrap();
+    assert_eq!(out.text, expected, "greedy continuation through the engine");
+    assert!(out.timings.vision > std::time::Duration::ZERO);
 }

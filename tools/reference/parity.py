@@ -4,10 +4,13 @@
 Computed on the tiny checkpoints that `cathedral tiny-model` writes (fixed seed; the tests
 regenerate the same bytes), with the reference implementations pinned in requirements.txt:
 
-* text prompt, fp32 and bf16: mlx-lm 0.32.2;
+* text prompt, fp32 and bf16: mlx-lm 0.32.2 (and mlx-vlm 0.7.6, whose chunked DeltaNet
+  prefill the runtime also uses: the bf16 gate compares against it);
 * image prompts (vision features, MRoPE positions, logits, greedy decode): mlx-vlm 0.7.6;
 * 4-bit: the fp32 checkpoint quantized by mlx-vlm's own `convert` (MLX affine, 4 bits,
-  group 32), greedy tokens from mlx-vlm on it.
+  group 32), greedy tokens from mlx-vlm on it (mlx-lm 0.32.2 cannot run quantized experts on
+  MLX 0.32.2: it passes gather_qmm an argument that release lacks). The SHA-256 of every
+  converted tensor is recorded so the tests prove they rebuild the very same checkpoint.
 
 MLX's CPU backend has gather_mm for float32 only, so for the bf16 checkpoint the references'
 expert matmuls run with their operands widened to float32 and the product rounded back to

@@ -31,10 +31,47 @@ fn target_debug() -> PathBuf {
         .unwrap_or_else(|| repo_root().join("target/debug"))
 }
 
-/// Builds (when stale) the runtime and controller binaries, once per test process.
+/// Newest modification time of the sources the two binaries are built from.
+fn newest_source() -> std::time::SystemTime {
+    fn walk(path: &Path, newest: &mut std::time::SystemTime) {
+        let Ok(meta) = std::fs::metadata(path) else {
+            return;
+        };
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(path).into_iter().flatten().flatten() {
+                walk(&entry.path(), newest);
+            }
+        } else if let Ok(m) = meta.modified() {
+            *newest = (*newest).max(m);
+        }
+    }
+    let root = repo_root();
+    let mut newest = std::time::SystemTime::UNIX_EPOCH;
+    for dir in ["runtime", "controller", "canary", "upstream-scanner"] {
+        walk(&root.join(dir).join("src"), &mut newest);
+        walk(&root.join(dir).join("Cargo.toml"), &mut newest);
+    }
+    walk(&root.join("Cargo.toml"), &mut newest);
+    walk(&root.join("Cargo.lock"), &mut newest);
+    newest
+}
+
+/// The runtime and controller binaries, built once per test process when missing or older
+/// than their sources. `cargo test --workspace` has built them already; building them again
+/// with this package's feature set would only recompile shared dependencies.
 fn binaries() -> &'static (PathBuf, PathBuf) {
     static BINS: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     BINS.get_or_init(|| {
+        let dir = target_debug();
+        let bins = (dir.join("cathedral"), dir.join("cathedralctl"));
+        let built_at = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let newest = newest_source();
+        let fresh = [&bins.0, &bins.1]
+            .iter()
+            .all(|b| built_at(b).is_some_and(|t| t >= newest));
+        if fresh {
+            return bins;
+        }
         let status = Command::new(env!("CARGO"))
             .args([
                 "build",
@@ -51,19 +88,10 @@ fn binaries() -> &'static (PathBuf, PathBuf) {
             .current_dir(repo_root())
             .status()
             .expect("run cargo build");
-        let dir = target_debug();
-        if !status.success() {
-            // The shared tree may be mid-edit elsewhere; binaries already built still test us.
-            assert!(
-                dir.join("cathedral").is_file() && dir.join("cathedralctl").is_file(),
-                "cargo build of cathedral and cathedralctl failed"
-            );
-            eprintln!(
-                "cargo build failed; testing the binaries already in {}",
-                dir.display()
-            );
-        }
-        let bins = (dir.join("cathedral"), dir.join("cathedralctl"));
+        assert!(
+            status.success(),
+            "cargo build of cathedral and cathedralctl failed"
+        );
         assert!(
             bins.0.is_file() && bins.1.is_file(),
             "binaries missing in {}",

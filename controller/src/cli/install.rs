@@ -28,7 +28,7 @@ fn default_agents_dir() -> PathBuf {
 }
 
 fn absolute(p: PathBuf) -> anyhow::Result<PathBuf> {
-    Ok(std::path::absolute(&p).with_context(|| format!("resolving {}", p.display()))?)
+    std::path::absolute(&p).with_context(|| format!("resolving {}", p.display()))
 }
 
 fn launchd(domain: Option<Domain>) -> anyhow::Result<Launchd> {
@@ -86,6 +86,10 @@ pub struct InstallArgs {
     /// Canary probe interval.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub canary_interval: std::time::Duration,
+    /// Replace agent definitions that differ from the templates (each backed up first).
+    /// Without it they are kept: a second install never undoes a deploy.
+    #[arg(long)]
+    pub overwrite: bool,
     /// Canary SLO window.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     pub canary_window: std::time::Duration,
@@ -116,7 +120,7 @@ pub fn install(a: InstallArgs) -> anyhow::Result<()> {
     };
     let services = launchd(a.layout.domain)?;
     let dry = a.layout.dry_run;
-    let report = install::install(&spec, &services, dry)?;
+    let report = install::install(&spec, &services, dry, a.overwrite)?;
     let would = if dry { "would " } else { "" };
     for d in &report.dirs_created {
         println!("{would}create {}", d.display());
@@ -135,13 +139,21 @@ pub fn install(a: InstallArgs) -> anyhow::Result<()> {
             Outcome::Created => format!("{would}create"),
             Outcome::Updated { backup } => format!("{would}update (backup {})", backup.display()),
             Outcome::Unchanged => "unchanged".to_string(),
+            Outcome::Kept => {
+                "kept (differs from the template; --overwrite replaces it)".to_string()
+            }
         };
-        changed |= ag.outcome != Outcome::Unchanged || ag.service != "already running";
+        changed |= !matches!(ag.outcome, Outcome::Unchanged | Outcome::Kept)
+            || ag.service != "already running";
+        let service = match (ag.service, dry) {
+            ("bootstrapped", true) => "would be bootstrapped",
+            ("restarted", true) => "would be restarted",
+            (s, _) => s,
+        };
         println!(
-            "{}  {}  {what}; service {would}{}",
+            "{}  {}  {what}; service {service}",
             ag.label,
-            ag.path.display(),
-            ag.service
+            ag.path.display()
         );
         if let Some(d) = &ag.diff {
             print!("{d}");
@@ -164,14 +176,14 @@ pub fn uninstall(a: UninstallArgs) -> anyhow::Result<()> {
     let would = if dry { "would " } else { "" };
     for r in removed {
         println!(
-            "{}  {}{}{}",
+            "{}  {}{would}remove {}{}",
             r.label,
             if r.stopped {
                 format!("{would}stop; ")
             } else {
                 String::new()
             },
-            format!("{would}remove {}", r.path.display()),
+            r.path.display(),
             r.backup
                 .map(|b| format!(" (backup {})", b.display()))
                 .unwrap_or_default()

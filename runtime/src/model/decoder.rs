@@ -18,8 +18,8 @@ use crate::config::TextConfig;
 /// The layer's MLP; its parameters sit directly under `mlp.` whichever kind it is.
 #[derive(Debug, Clone)]
 pub enum FeedForward {
-    Moe(SparseMoeBlock),
-    Dense(Mlp),
+    Moe(Box<SparseMoeBlock>),
+    Dense(Box<Mlp>),
 }
 
 impl FeedForward {
@@ -32,15 +32,15 @@ impl FeedForward {
 
     fn inner(&self) -> &dyn ModuleParameters {
         match self {
-            FeedForward::Moe(m) => m,
-            FeedForward::Dense(m) => m,
+            FeedForward::Moe(m) => m.as_ref(),
+            FeedForward::Dense(m) => m.as_ref(),
         }
     }
 
     fn inner_mut(&mut self) -> &mut dyn ModuleParameters {
         match self {
-            FeedForward::Moe(m) => m,
-            FeedForward::Dense(m) => m,
+            FeedForward::Moe(m) => m.as_mut(),
+            FeedForward::Dense(m) => m.as_mut(),
         }
     }
 }
@@ -92,14 +92,14 @@ impl DecoderLayer {
         let linear = cfg.is_linear_layer(index);
         let mlp_path = format!("{path}.mlp");
         let mlp = if cfg.is_moe() {
-            FeedForward::Moe(SparseMoeBlock::new(&mlp_path, cfg, quant))
+            FeedForward::Moe(Box::new(SparseMoeBlock::new(&mlp_path, cfg, quant)))
         } else {
-            FeedForward::Dense(Mlp::new(
+            FeedForward::Dense(Box::new(Mlp::new(
                 &mlp_path,
                 cfg.hidden_size,
                 cfg.intermediate_size.unwrap_or(0),
                 quant,
-            ))
+            )))
         };
         Self {
             input_layernorm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps),

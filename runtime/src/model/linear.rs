@@ -73,6 +73,12 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Array) -> Result<Array, Exception> {
+        // Dense with bias: `bias + x·Wᵀ` as one op, rounded once in bf16 as MLX's own Linear
+        // does (matmul then add rounds twice and drifts by an ulp; the vision tower's parity
+        // with mlx-vlm depends on it). Quantized layers add the bias afterwards, as MLX does.
+        if let (None, Some(b)) = (self.quant, self.bias.as_ref()) {
+            return ops::addmm(b, x, self.weight.as_ref().t(), None, None);
+        }
         let y = match (self.quant, self.scales.as_ref()) {
             (Some(q), Some(scales)) => ops::quantized_matmul(
                 x,

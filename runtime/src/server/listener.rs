@@ -18,6 +18,8 @@ use super::tls::{Peer, ReloadableTls};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Open connections per listener; beyond it new ones wait in the kernel's backlog.
+const MAX_CONNECTIONS: usize = 1024;
 
 /// Accepts until `stop` turns true. `watcher` makes a watcher per connection.
 pub async fn accept_loop(
@@ -27,7 +29,12 @@ pub async fn accept_loop(
     watcher: impl Fn() -> Watcher,
     mut stop: watch::Receiver<bool>,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let slot = tokio::select! {
+            s = slots.clone().acquire_owned() => s.expect("semaphore never closed"),
+            _ = stop.wait_for(|s| *s) => break,
+        };
         let accepted = tokio::select! {
             r = listener.accept() => r,
             _ = stop.wait_for(|s| *s) => break,
@@ -48,6 +55,7 @@ pub async fn accept_loop(
             Some(tls) => {
                 let acceptor = tls.acceptor();
                 tokio::spawn(async move {
+                    let _slot = slot;
                     let stream =
                         match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                             Ok(Ok(s)) => s,
@@ -66,7 +74,10 @@ pub async fn accept_loop(
                 });
             }
             None => {
-                tokio::spawn(serve_connection(tcp, app, Peer::Plain, w));
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    serve_connection(tcp, app, Peer::Plain, w).await;
+                });
             }
         }
     }

@@ -1,7 +1,7 @@
 //! The rustls server side: our certificate, client certificates verified against `--client-ca`
 //! (no certificate, another CA or an expired one is refused at the handshake), TLS 1.3 unless
 //! 1.2 is allowed by flag. The configuration sits behind a lock so that SIGHUP can swap in
-//! re-read certificates; connections already open keep the session they have.
+//! re-read certificates; connections already open keep the TLS state they negotiated.
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 

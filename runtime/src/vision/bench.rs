@@ -1,6 +1,16 @@
 //! `cathedral bench-vision`: times the vision tower alone at the real model's shapes (random
 //! weights), in its shipped form and with each speed-up switched off, and optionally the
-//! mlx-vlm tower on the very same weights and pixels. Prints a table; asserts nothing.
+//! mlx-vlm tower on the very same weights and pixels (also comparing the two outputs).
+//! Prints tables; asserts nothing.
+//!
+//! ```text
+//! cathedral bench-vision --dir /tmp/vb --python .venv-ref/bin/python [--profile]
+//! ```
+//!
+//! On an NVIDIA GPU, the same binary runs on MLX's CUDA backend when the `libmlx.so` of the
+//! `mlx-cuda-13==0.32.2` wheel comes first on `LD_LIBRARY_PATH` (with the CUDA 13 libraries
+//! it links, e.g. a PyTorch venv's `nvidia/*/lib`), and the Python peer uses the same wheel
+//! through `mlx==0.32.2`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

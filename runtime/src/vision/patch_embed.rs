@@ -48,17 +48,23 @@ impl PatchEmbed {
     }
 
     /// `pixels` `[rows, C·T·P·P]` (channel-major, as the processor flattens) → `[rows, hidden]`.
-    /// The convolution over one whole kernel is a matmul once the kernel is laid out in the
-    /// pixel rows' order `[hidden, C, T, P, P]`.
+    /// Run as the convolution itself (channels last), with the bias added after it: in bf16
+    /// that rounds exactly where the reference's Conv3d does, which a fused `bias + x·Wᵀ`
+    /// (one rounding, another summation order) does not.
     pub fn forward(&self, pixels: &Array) -> Result<Array, Exception> {
-        let kernel = self
-            .proj
-            .weight
-            .transpose_axes(&[0, 4, 1, 2, 3])?
-            .reshape(&[
-                self.hidden,
-                self.channels * self.temporal * self.patch * self.patch,
-            ])?;
-        mlx_rs::ops::addmm(self.proj.bias.as_ref(), pixels, kernel.t(), None, None)
+        let (t, p) = (self.temporal, self.patch);
+        let patches = pixels
+            .reshape(&[-1, self.channels, t, p, p])?
+            .transpose_axes(&[0, 2, 3, 4, 1])?;
+        mlx_rs::ops::conv3d(
+            &patches,
+            self.proj.weight.as_ref(),
+            (t, p, p),
+            None,
+            None,
+            None,
+        )?
+        .reshape(&[-1, self.hidden])?
+        .add(self.proj.bias.as_ref())
     }
 }

@@ -8,14 +8,15 @@
 
 use mlx_rs::error::Exception;
 use mlx_rs::transforms::compile::compile;
-use mlx_rs::{ops, Array, Dtype};
+use mlx_rs::{ops, Array};
 
 use super::positions::merge_order;
 
 /// Base of the rotary frequencies (fixed by the model family).
 const THETA: f32 = 10_000.0;
 
-/// The tables of one forward, `[tokens, head_dim]` in the activation dtype: `cos`, and
+/// The tables of one forward, `[tokens, head_dim]`, always in f32 whatever the activations'
+/// dtype (the rotation of bf16 q and k is computed in f32 and rounded once): `cos`, and
 /// `sin` with the sign of rotate-half folded in (`−sin` on the first half), so that
 /// `rope(x) = x·cos + swap_halves(x)·sin`.
 #[derive(Debug, Clone)]
@@ -48,13 +49,8 @@ impl VisionRotary {
     }
 
     /// Tables for every patch of every image, tokens in merge-group order (the order of the
-    /// pixel rows), cast to `dtype`.
-    pub fn tables(
-        &self,
-        grids: &[[u32; 3]],
-        merge: usize,
-        dtype: Dtype,
-    ) -> Result<RotaryTables, Exception> {
+    /// pixel rows), in f32.
+    pub fn tables(&self, grids: &[[u32; 3]], merge: usize) -> Result<RotaryTables, Exception> {
         let max_side = grids
             .iter()
             .map(|g| g[1].max(g[2]))
@@ -81,18 +77,21 @@ impl VisionRotary {
         )?;
         let (cos, sin) = (ops::cos(&half)?, ops::sin(&half)?);
         Ok(RotaryTables {
-            cos: ops::concatenate(&[&cos, &cos], -1)?.as_dtype(dtype)?,
-            sin: ops::concatenate(&[&sin.negative()?, &sin], -1)?.as_dtype(dtype)?,
+            cos: ops::concatenate(&[&cos, &cos], -1)?,
+            sin: ops::concatenate(&[&sin.negative()?, &sin], -1)?,
         })
     }
 }
 
 /// `x·cos + swap_halves(x)·sin` over the last axis (equal to `x·cos + rotate_half(x)·sin`
-/// with the unsigned table).
+/// with the unsigned table). The products promote `x` to the tables' f32; the sum is rounded
+/// back to `x`'s dtype once.
 fn rope_eager((x, cos, sin): (&Array, &Array, &Array)) -> Result<Array, Exception> {
     let halves = x.split_equal(2, -1)?;
     let swapped = ops::concatenate(&[&halves[1], &halves[0]], -1)?;
-    x.multiply(cos)?.add(swapped.multiply(sin)?)
+    x.multiply(cos)?
+        .add(swapped.multiply(sin)?)?
+        .as_dtype(x.dtype())
 }
 
 type Rope3 = Box<dyn for<'a> FnMut((&'a Array, &'a Array, &'a Array)) -> Result<Array, Exception>>;

@@ -137,7 +137,7 @@ impl VisionTower {
         observe(Stage::Embed, &x)?;
         let rope = self
             .rotary
-            .tables(grid_thw, self.config.spatial_merge_size, act_dtype)?;
+            .tables(grid_thw, self.config.spatial_merge_size)?;
         for (i, block) in self.blocks.iter().enumerate() {
             x = block.forward(&x, &rope, &spans, &opts)?;
             observe(Stage::Block(i), &x)?;

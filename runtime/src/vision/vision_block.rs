@@ -90,7 +90,8 @@ pub fn activate(x: &Array, act: VisionActivation, fused: bool) -> Result<Array, 
 /// How the tower runs; every setting gives the same result up to rounding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TowerOptions {
-    /// Keep activations in the weights' dtype (pixels, position rows, rotary tables).
+    /// Keep activations in the weights' dtype (pixels, position rows); the rotary tables stay
+    /// f32 either way.
     pub anchor_dtype: bool,
     /// Pad heads to a fused attention size (see [`padded_head_dim`]).
     pub pad_heads: bool,

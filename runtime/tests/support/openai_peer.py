@@ -25,9 +25,10 @@ models = client.models.list()
 model = models.data[0].id
 out["models"] = [m.id for m in models.data]
 
+messages = [{"role": "system", "content": "Answer in few words."}, {"role": "user", "content": "Say hello."}]
 sync = client.chat.completions.create(
     model=model,
-    messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}],
+    messages=messages,
     max_tokens=8,
     temperature=0,
     seed=7,
@@ -43,9 +44,10 @@ out["sync"] = {
 chunks = list(
     client.chat.completions.create(
         model=model,
-        messages=[{"role": "user", "content": "Say hello."}],
+        messages=messages,
         max_tokens=8,
         temperature=0,
+        seed=7,
         stream=True,
         stream_options={"include_usage": True},
     )
@@ -81,6 +83,13 @@ out["image"] = {
     "finish_reason": img.choices[0].finish_reason,
     "usage": img.usage.model_dump(),
 }
+
+text_only = client.chat.completions.create(
+    model=model,
+    messages=[{"role": "user", "content": [{"type": "text", "text": "What is in this picture?"}]}],
+    max_tokens=1,
+)
+out["text_only_prompt_tokens"] = text_only.usage.prompt_tokens
 
 try:
     client.chat.completions.create(model=model, messages=[], max_tokens=1)
