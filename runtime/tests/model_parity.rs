@@ -315,6 +315,8 @@ fn bf16_argmax_agreement_at_least_99_percent() {
         agreement(&text_ours, &r.ids("text.bf16.argmax"))
     );
     let (mut e2e_ours, mut e2e_ref, mut e2e_total) = (0, 0, 0);
+    // Our tower + language model against mlx-vlm's, both end to end on the image prompts.
+    let (mut e2e_agree, mut e2e_len) = (0, 0);
     for case in IMAGE_CASES {
         let reference = r.ids(&format!("{case}.bf16.argmax"));
         let truth = r.ids(&format!("{case}.f32.argmax"));
@@ -345,6 +347,8 @@ fn bf16_argmax_agreement_at_least_99_percent() {
         );
         agree += same;
         total += reference.len();
+        e2e_agree += agreement(&ours_e2e, &reference);
+        e2e_len += reference.len();
         e2e_ours += agreement(&ours_e2e, &truth);
         e2e_ref += agreement(&reference, &truth);
         e2e_total += truth.len();
@@ -355,6 +359,15 @@ fn bf16_argmax_agreement_at_least_99_percent() {
         rate * 100.0
     );
     assert!(rate >= 0.99, "bf16 argmax agreement {rate} < 0.99");
+    let e2e_rate = e2e_agree as f64 / e2e_len as f64;
+    println!(
+        "bf16 image prompts end to end: argmax agreement {e2e_agree}/{e2e_len} = {:.2} %",
+        e2e_rate * 100.0
+    );
+    assert!(
+        e2e_rate >= 0.99,
+        "bf16 end-to-end argmax agreement {e2e_rate} < 0.99"
+    );
     println!("bf16 end to end vs fp32: ours {e2e_ours}/{e2e_total}, mlx-vlm {e2e_ref}/{e2e_total}");
     assert!(
         e2e_ours >= e2e_ref,

@@ -8,6 +8,7 @@ mTLS when a client certificate is given. Prints one JSON object; asserts nothing
 import argparse
 import base64
 import json
+import ssl
 import struct
 import time
 import zlib
@@ -64,8 +65,9 @@ def main():
     }
     kw = {"timeout": 600.0}
     if args.cert:
-        kw["cert"] = (args.cert, args.key)
-        kw["verify"] = args.ca
+        ctx = ssl.create_default_context(cafile=args.ca)
+        ctx.load_cert_chain(args.cert, args.key)
+        kw["verify"] = ctx
     times, tokens = [], []
     with httpx.Client(**kw) as client:
         for i in range(args.warmup + args.runs):
