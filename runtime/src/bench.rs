@@ -97,7 +97,7 @@ fn bench_vision(engine: &Engine, args: &BenchArgs) -> anyhow::Result<serde_json:
     };
     let cfg = tower.config();
     let unit = (cfg.patch_size * cfg.spatial_merge_size) as u32;
-    if args.image_size == 0 || args.image_size % unit != 0 {
+    if args.image_size == 0 || !args.image_size.is_multiple_of(unit) {
         bail!("--image-size must be a positive multiple of {unit}");
     }
     let side = args.image_size / cfg.patch_size as u32;

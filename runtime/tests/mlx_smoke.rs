@@ -26,8 +26,8 @@ fn large_matmul_matches_naive_loop() {
         .map(|i| ((i * 11 % 37) as f32) / 37.0 - 0.5)
         .collect();
     let got = ops::matmul(
-        &Array::from_slice(&a, &[n as i32, n as i32]),
-        &Array::from_slice(&b, &[n as i32, n as i32]),
+        Array::from_slice(&a, &[n as i32, n as i32]),
+        Array::from_slice(&b, &[n as i32, n as i32]),
     )
     .unwrap();
     let got = got.as_slice::<f32>();
@@ -50,9 +50,9 @@ fn sdpa_matches_plain_attention() {
     let k = mlx_rs::random::normal::<f32>(&shape, None, None, None).unwrap();
     let v = mlx_rs::random::normal::<f32>(&shape, None, None, None).unwrap();
     let scale = 1.0 / (8f32).sqrt();
-    let scores = ops::matmul(&q, &k.transpose_axes(&[0, 1, 3, 2]).unwrap()).unwrap() * scale;
+    let scores = ops::matmul(&q, k.transpose_axes(&[0, 1, 3, 2]).unwrap()).unwrap() * scale;
 
-    let plain = ops::matmul(&ops::softmax_axis(&scores, -1, None).unwrap(), &v).unwrap();
+    let plain = ops::matmul(ops::softmax_axis(&scores, -1, None).unwrap(), &v).unwrap();
     let fused = fast::scaled_dot_product_attention(&q, &k, &v, scale, None, None).unwrap();
     assert!(max_abs_diff(&plain, &fused) < 1e-5);
 
@@ -60,10 +60,10 @@ fn sdpa_matches_plain_attention() {
     let allowed = row
         .reshape(&[6, 1])
         .unwrap()
-        .ge(&row.reshape(&[1, 6]).unwrap())
+        .ge(row.reshape(&[1, 6]).unwrap())
         .unwrap();
-    let masked = ops::select(&allowed, &scores, &Array::from_f32(f32::NEG_INFINITY)).unwrap();
-    let plain_causal = ops::matmul(&ops::softmax_axis(&masked, -1, None).unwrap(), &v).unwrap();
+    let masked = ops::select(&allowed, &scores, Array::from_f32(f32::NEG_INFINITY)).unwrap();
+    let plain_causal = ops::matmul(ops::softmax_axis(&masked, -1, None).unwrap(), &v).unwrap();
     let fused_causal = fast::scaled_dot_product_attention(
         &q,
         &k,

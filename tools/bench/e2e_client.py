@@ -16,10 +16,12 @@ import zlib
 import httpx
 
 
-def png(side):
-    """A deterministic RGB gradient, encoded as PNG with the standard library only."""
+def png(side, shift=0):
+    """A deterministic RGB gradient (a different one per `shift`), encoded as PNG with the
+    standard library only."""
     rows = b"".join(
-        b"\x00" + bytes(v for x in range(side) for v in ((x * 7) % 256, (y * 5) % 256, ((x + y) * 3) % 256))
+        b"\x00"
+        + bytes(v for x in range(side) for v in ((x * 7 + shift) % 256, (y * 5) % 256, ((x + y) * 3 + 11 * shift) % 256))
         for y in range(side)
     )
 
@@ -47,22 +49,25 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     args = ap.parse_args()
-    data_url = "data:image/png;base64," + base64.b64encode(png(args.image_size)).decode()
-    body = {
-        "model": args.model,
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": data_url}},
-                    {"type": "text", "text": "Describe this picture in one sentence."},
-                ],
-            }
-        ],
-        "max_tokens": args.max_tokens,
-        "temperature": 0.0,
-        "stream": False,
-    }
+    def body(shift):
+        # A new image for every request: servers that cache image features by content
+        # (mlx_vlm.server does) must still run the vision tower each time.
+        data_url = "data:image/png;base64," + base64.b64encode(png(args.image_size, shift)).decode()
+        return {
+            "model": args.model,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": data_url}},
+                        {"type": "text", "text": "Describe this picture in one sentence."},
+                    ],
+                }
+            ],
+            "max_tokens": args.max_tokens,
+            "temperature": 0.0,
+            "stream": False,
+        }
     kw = {"timeout": 600.0}
     if args.cert:
         ctx = ssl.create_default_context(cafile=args.ca)
@@ -72,7 +77,7 @@ def main():
     with httpx.Client(**kw) as client:
         for i in range(args.warmup + args.runs):
             t = time.perf_counter()
-            r = client.post(args.url.rstrip("/") + "/v1/chat/completions", json=body)
+            r = client.post(args.url.rstrip("/") + "/v1/chat/completions", json=body(i))
             dt = time.perf_counter() - t
             if r.status_code != 200:
                 raise SystemExit(f"HTTP {r.status_code}: {r.text[:500]}")
