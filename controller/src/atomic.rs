@@ -91,12 +91,16 @@ pub fn sweep_stale_temps(target: &Path) -> io::Result<Vec<PathBuf>> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let prefix = format!(".{name}{TMP_MARK}");
+    // Temps of the definition itself and of its backups (`.<name>.pre-…`).
+    let prefix = format!(".{name}");
     let mut removed = Vec::new();
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
         let fname = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = fname.strip_prefix(&prefix) else {
+        let Some((_, pid)) = fname
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.rsplit_once(TMP_MARK))
+        else {
             continue;
         };
         let alive = pid
