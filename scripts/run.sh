@@ -19,7 +19,7 @@ cargo build --bins
 mkdir -p "$RUN"
 
 step "tiny model (deterministic, seed 0)"
-[ -f "$RUN/model/config.json" ] || "$BIN/cathedral" tiny-model --out "$RUN/model"
+"$BIN/cathedral" tiny-model --out "$RUN/model"   # deterministic: same bytes every run
 ls -l "$RUN/model"
 
 step "dev certificates: a CA, the server (localhost, 127.0.0.1), clients 'operator' (admin) and 'canary'"
