@@ -134,13 +134,32 @@ pub enum Outcome {
     Kept,
 }
 
+/// What install does (or did) to the launchd job of an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceAction {
+    Bootstrap,
+    Restart,
+    /// Loaded with the definition on disk: left running.
+    None,
+}
+
+impl ServiceAction {
+    /// The job must pick up a new definition: restart it if loaded, else bootstrap it.
+    fn reload(loaded: bool) -> Self {
+        if loaded {
+            Self::Restart
+        } else {
+            Self::Bootstrap
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct AgentReport {
     pub label: Label,
     pub path: PathBuf,
     pub outcome: Outcome,
-    /// `bootstrapped`, `restarted` or `already running`.
-    pub service: &'static str,
+    pub service: ServiceAction,
     pub diff: Option<String>,
 }
 
@@ -257,10 +276,11 @@ impl InstallSpec {
     }
 
     /// Certificates for the server names and both identities, unless a CA exists already.
-    fn ensure_certs(&self, dry_run: bool) -> Result<&'static str, InstallError> {
+    /// `true` when they are (or, in a dry run, would be) created.
+    fn ensure_certs(&self, dry_run: bool) -> Result<bool, InstallError> {
         let certs = self.layout.certs();
         if certs.ca().cert.exists() {
-            return Ok("kept");
+            return Ok(false);
         }
         if !dry_run {
             certs.init(
@@ -269,7 +289,7 @@ impl InstallSpec {
                 Validity::days(LEAF_DAYS),
             )?;
         }
-        Ok("created")
+        Ok(true)
     }
 }
 
@@ -285,7 +305,7 @@ fn path_str(p: &Path) -> String {
 /// the caller shows the report.
 pub struct InstallReport {
     pub dirs_created: Vec<PathBuf>,
-    pub certs: &'static str,
+    pub certs_created: bool,
     pub agents: Vec<AgentReport>,
 }
 
@@ -307,14 +327,14 @@ pub fn install(
             dirs_created.push(d);
         }
     }
-    let certs = spec.ensure_certs(dry_run)?;
+    let certs_created = spec.ensure_certs(dry_run)?;
     let mut agents = Vec::new();
     for r in spec.render()? {
         agents.push(place_agent(&r, services, dry_run, overwrite)?);
     }
     Ok(InstallReport {
         dirs_created,
-        certs,
+        certs_created,
         agents,
     })
 }
@@ -348,9 +368,9 @@ fn place_agent(
                 Outcome::Kept
             },
             if loaded {
-                "already running"
+                ServiceAction::None
             } else {
-                "bootstrapped"
+                ServiceAction::Bootstrap
             },
         ),
         Some(old) => {
@@ -361,15 +381,9 @@ fn place_agent(
                     .map_err(io("backing up", path))?
                     .path
             };
-            (
-                Outcome::Updated { backup },
-                if loaded { "restarted" } else { "bootstrapped" },
-            )
+            (Outcome::Updated { backup }, ServiceAction::reload(loaded))
         }
-        None => (
-            Outcome::Created,
-            if loaded { "restarted" } else { "bootstrapped" },
-        ),
+        None => (Outcome::Created, ServiceAction::reload(loaded)),
     };
     if !dry_run {
         if matches!(outcome, Outcome::Created | Outcome::Updated { .. }) {
@@ -377,13 +391,13 @@ fn place_agent(
                 .map_err(io("writing", path))?;
         }
         match service {
-            "restarted" => {
+            ServiceAction::Restart => {
                 services.restart(&r.label, &r.path)?;
             }
-            "bootstrapped" => {
+            ServiceAction::Bootstrap => {
                 services.start(&r.label, &r.path)?;
             }
-            _ => {}
+            ServiceAction::None => {}
         }
     }
     Ok(AgentReport {

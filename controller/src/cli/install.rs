@@ -8,7 +8,7 @@ use clap::Args;
 use cathedral_runtime::certs::ServerName;
 
 use super::service::parse_duration;
-use crate::install::{self, InstallSpec, Layout, Outcome};
+use crate::install::{self, InstallSpec, Layout, Outcome, ServiceAction};
 use crate::launchd::{Domain, Launchd};
 
 fn home() -> PathBuf {
@@ -128,12 +128,13 @@ pub fn install(a: InstallArgs) -> anyhow::Result<()> {
     println!(
         "certificates in {}: {}",
         spec.layout.certs().root.display(),
-        match (report.certs, dry) {
-            ("created", true) => "would be created",
-            (s, _) => s,
+        match (report.certs_created, dry) {
+            (true, true) => "would be created",
+            (true, false) => "created",
+            (false, _) => "kept",
         }
     );
-    let mut changed = !report.dirs_created.is_empty() || report.certs == "created";
+    let mut changed = !report.dirs_created.is_empty() || report.certs_created;
     for ag in &report.agents {
         let what = match &ag.outcome {
             Outcome::Created => format!("{would}create"),
@@ -144,11 +145,13 @@ pub fn install(a: InstallArgs) -> anyhow::Result<()> {
             }
         };
         changed |= !matches!(ag.outcome, Outcome::Unchanged | Outcome::Kept)
-            || ag.service != "already running";
+            || ag.service != ServiceAction::None;
         let service = match (ag.service, dry) {
-            ("bootstrapped", true) => "would be bootstrapped",
-            ("restarted", true) => "would be restarted",
-            (s, _) => s,
+            (ServiceAction::Bootstrap, true) => "would be bootstrapped",
+            (ServiceAction::Bootstrap, false) => "bootstrapped",
+            (ServiceAction::Restart, true) => "would be restarted",
+            (ServiceAction::Restart, false) => "restarted",
+            (ServiceAction::None, _) => "already running",
         };
         println!(
             "{}  {}  {what}; service {service}",
