@@ -269,7 +269,15 @@ impl Prober {
         let at = Utc::now();
         let started = Instant::now();
         let exchange = async {
-            let response = self.client.post(&self.endpoint).json(&body).send().await?;
+            // no-cache: the runtime must run the vision tower every time, not reuse the
+            // features it cached for this same image a minute ago.
+            let response = self
+                .client
+                .post(&self.endpoint)
+                .header(reqwest::header::CACHE_CONTROL, "no-cache")
+                .json(&body)
+                .send()
+                .await?;
             let status = response.status().as_u16();
             let bytes = response.bytes().await?;
             Ok::<_, reqwest::Error>((status, bytes))

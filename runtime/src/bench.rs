@@ -77,6 +77,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         &args.model,
         &EngineOptions {
             vision_enabled: args.phase == BenchPhase::Vision,
+            ..Default::default()
         },
     )
     .with_context(|| format!("loading {}", args.model.display()))?;

@@ -21,6 +21,12 @@ pub struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ImageLabels {
+    /// `tower` (computed) or `cache` (features of an image seen before).
+    pub features: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FinishLabels {
     pub reason: String,
 }
@@ -32,6 +38,7 @@ pub struct Metrics {
     ttft: Histogram,
     per_token: Histogram,
     vision_tower: Histogram,
+    images: Family<ImageLabels, Counter>,
     prompt_tokens: Counter,
     completion_tokens: Counter,
     queue_depth: Gauge,
@@ -81,6 +88,12 @@ impl Metrics {
             "Vision tower time per multimodal request",
             vision_tower.clone(),
         );
+        let images = Family::<ImageLabels, Counter>::default();
+        registry.register(
+            "images",
+            "Images in generation requests, by where their features came from (tower, cache)",
+            images.clone(),
+        );
         let prompt_tokens = Counter::default();
         registry.register(
             "prompt_tokens",
@@ -124,6 +137,7 @@ impl Metrics {
             ttft,
             per_token,
             vision_tower,
+            images,
             prompt_tokens,
             completion_tokens,
             queue_depth,
@@ -165,6 +179,19 @@ impl Metrics {
 
     pub fn vision_tower(&self, d: Duration) {
         self.vision_tower.observe(d.as_secs_f64());
+    }
+
+    /// Images of one request: `computed` through the tower, `cached` from the feature cache.
+    pub fn images(&self, computed: usize, cached: usize) {
+        for (source, n) in [("tower", computed), ("cache", cached)] {
+            if n > 0 {
+                self.images
+                    .get_or_create(&ImageLabels {
+                        features: source.to_string(),
+                    })
+                    .inc_by(n as u64);
+            }
+        }
     }
 
     pub fn queue_depth(&self) -> &Gauge {

@@ -31,6 +31,7 @@ fn bf16_checkpoint_keeps_bf16_activations_through_vision_and_every_layer() {
         dir.path(),
         &EngineOptions {
             vision_enabled: true,
+            ..Default::default()
         },
     )
     .unwrap();

@@ -264,6 +264,7 @@ fn text_only_checkpoint_and_vision_states() {
         dir.path(),
         &EngineOptions {
             vision_enabled: true,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -279,6 +280,7 @@ fn text_only_checkpoint_and_vision_states() {
         base.path(),
         &EngineOptions {
             vision_enabled: false,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -292,6 +294,7 @@ fn text_only_checkpoint_and_vision_states() {
         base.path(),
         &EngineOptions {
             vision_enabled: true,
+            ..Default::default()
         },
     )
     .unwrap();

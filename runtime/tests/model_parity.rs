@@ -430,6 +430,7 @@ fn engine_prompt_and_greedy_text_match_reference() {
         dir.path(),
         &EngineOptions {
             vision_enabled: true,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -474,6 +475,7 @@ fn engine_image_prompt_matches_reference_end_to_end() {
         dir.path(),
         &EngineOptions {
             vision_enabled: true,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -490,7 +492,7 @@ fn engine_image_prompt_matches_reference_end_to_end() {
         r.ids("image64.f32.input_ids").as_slice(),
         "template + pads + tokenizer"
     );
-    let ours = &prompt.images()[0];
+    let ours = prompt.pixels().next().expect("a fresh image");
     let reference: Vec<f32> = r
         .get("image64.f32.pixel_u8")
         .as_slice::<u8>()

@@ -635,6 +635,15 @@ fn kill_switch_through_admin_route_gates_images_only() {
     rt().block_on(async {
         let (s, v) = post(&user, &server, &img).await;
         assert_eq!(s, 200, "{v}");
+        // A probe asks for the tower to run again on an image it has seen.
+        let resp = user
+            .post(server.url("/v1/chat/completions"))
+            .header("cache-control", "max-age=0, No-Cache")
+            .json(&img)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
 
         let resp = user
             .post(server.url("/admin/kill-switch"))
@@ -705,8 +714,18 @@ fn kill_switch_through_admin_route_gates_images_only() {
             ),
             "{metrics}"
         );
+        // The same image three times: the tower ran for the first and the no-cache one;
+        // the third one's features came from the cache.
         assert!(
             metrics.contains("cathedral_vision_tower_seconds_count 2"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains(r#"cathedral_images_total{features="tower"} 2"#),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains(r#"cathedral_images_total{features="cache"} 1"#),
             "{metrics}"
         );
     });

@@ -17,11 +17,28 @@ use super::types::{
     parse_request, AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatRequest, Choice,
     ChunkChoice, Delta, Part, RequestRole, Usage,
 };
-use crate::engine::{EngineError, FinishReason, SamplingParams};
+use crate::engine::{EngineError, FeatureReuse, FinishReason, SamplingParams};
 use crate::prompt::{ChatMessage, ContentPart, Role};
 use crate::server::images::fetch_image_bytes;
 use crate::server::worker::{Admission, Job, JobEnd, JobError, JobEvent};
 use crate::vision::preprocess::{decode_image, ImageLimits};
+
+/// `Cache-Control: no-cache` (or `no-store`) makes the vision tower run even for an image whose
+/// features are cached: what a probe of the vision pipeline needs.
+fn feature_reuse(headers: &axum::http::HeaderMap) -> FeatureReuse {
+    let bypass = headers
+        .get_all(axum::http::header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|d| d.trim().to_ascii_lowercase())
+        .any(|d| d == "no-cache" || d == "no-store");
+    if bypass {
+        FeatureReuse::Recompute
+    } else {
+        FeatureReuse::Allow
+    }
+}
 
 /// Sets the job's cancel flag when the request goes away (client disconnect drops the future
 /// or the stream holding this).
@@ -43,6 +60,7 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, req: Request) 
 async fn handle(state: Arc<AppState>, req: Request) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     state.refuse_if_draining()?;
+    let image_features = feature_reuse(req.headers());
     let limit = state.limits.max_body_bytes;
     let too_large = || {
         ApiError::new(
@@ -109,6 +127,7 @@ async fn handle(state: Arc<AppState>, req: Request) -> Result<Response, ApiError
         events: tx,
         cancel: cancel.clone(),
         deadline,
+        image_features,
     };
     state.metrics.queue_depth().inc();
     if !state.engine.submit(job) {

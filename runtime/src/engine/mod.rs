@@ -3,8 +3,10 @@
 //!
 //! Used from one dedicated thread: MLX state is not shared across threads.
 pub mod detok;
+pub mod feature_cache;
 pub mod sampling;
 
+use std::cell::RefCell;
 use std::ops::ControlFlow;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -19,15 +21,32 @@ use crate::model::{LanguageModel, LayerCache, LogitsScope};
 use crate::prompt::{expand_image_pads, ChatMessage, ChatTemplate, ContentPart, PromptError};
 use crate::tokenizer::{self, TokenizerError};
 use crate::vision::preprocess::{preprocess, ImageError, PixelPatches, PreprocessConfig};
+
 use crate::vision::{mrope_position_ids, VisionTower};
+use feature_cache::{CachedFeatures, FeatureCache, ImageDigest};
 
 pub use detok::{IncrementalDecoder, StopMatcher, StopScan};
 pub use sampling::{Sampler, SamplingParams};
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EngineOptions {
     /// Build the vision tower and accept images (when the checkpoint has vision weights).
     pub vision_enabled: bool,
+    /// Bytes of vision features kept for images seen again; 0 turns the cache off.
+    pub vision_cache_bytes: usize,
+}
+
+/// Default [`EngineOptions::vision_cache_bytes`]: 256 MiB, some 64 full-size images of the
+/// 35B checkpoint (1,024 tokens × 2,048 × bf16 each).
+pub const DEFAULT_VISION_CACHE_BYTES: usize = 256 << 20;
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            vision_enabled: false,
+            vision_cache_bytes: DEFAULT_VISION_CACHE_BYTES,
+        }
+    }
 }
 
 /// Whether image inputs can be served.
@@ -74,11 +93,35 @@ pub enum EngineError {
     Mlx(#[from] mlx_rs::error::Exception),
 }
 
+/// Whether a prompt may take image features from the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FeatureReuse {
+    #[default]
+    Allow,
+    /// Run the tower even for an image seen before (a canary probe must exercise it); the
+    /// fresh features replace the cached ones.
+    Recompute,
+}
+
+/// One image of a prompt: its pixels, or its features when the cache already had them.
+#[derive(Debug, Clone)]
+pub struct PromptImage {
+    digest: ImageDigest,
+    grid_thw: [u32; 3],
+    input: ImageInput,
+}
+
+#[derive(Debug, Clone)]
+enum ImageInput {
+    Pixels(PixelPatches),
+    Features(Array),
+}
+
 /// A tokenized prompt with its preprocessed images.
 #[derive(Debug, Clone)]
 pub struct PreparedPrompt {
     tokens: Vec<u32>,
-    images: Vec<PixelPatches>,
+    images: Vec<PromptImage>,
 }
 
 impl PreparedPrompt {
@@ -91,8 +134,16 @@ impl PreparedPrompt {
     pub fn token_ids(&self) -> &[u32] {
         &self.tokens
     }
-    pub fn images(&self) -> &[PixelPatches] {
-        &self.images
+    /// Preprocessed pixels of the images the feature cache did not have.
+    pub fn pixels(&self) -> impl Iterator<Item = &PixelPatches> {
+        self.images.iter().filter_map(|i| match &i.input {
+            ImageInput::Pixels(p) => Some(p),
+            ImageInput::Features(_) => None,
+        })
+    }
+    /// Images whose features came from the cache.
+    pub fn cached_images(&self) -> usize {
+        self.images.len() - self.pixels().count()
     }
 }
 
@@ -120,6 +171,8 @@ pub struct GenerationOutput {
     pub text: String,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// The sampled ids, EOS included when it ended the generation.
+    pub tokens: Vec<u32>,
     pub finish_reason: FinishReason,
     pub timings: Timings,
 }
@@ -134,6 +187,7 @@ pub struct Engine {
     preprocess: PreprocessConfig,
     eos: Vec<u32>,
     model_id: String,
+    features: RefCell<FeatureCache>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -195,6 +249,7 @@ impl Engine {
             preprocess,
             eos,
             model_id,
+            features: RefCell::new(FeatureCache::new(opts.vision_cache_bytes)),
         })
     }
 
@@ -222,8 +277,18 @@ impl Engine {
         &self.eos
     }
 
-    /// Template → text, images preprocessed, pads expanded, tokenized.
+    /// Template → text, images preprocessed (or their features taken from the cache), pads
+    /// expanded, tokenized.
     pub fn prepare(&self, messages: &[ChatMessage]) -> Result<PreparedPrompt, EngineError> {
+        self.prepare_with(messages, FeatureReuse::Allow)
+    }
+
+    /// [`Engine::prepare`], choosing whether cached image features may be used.
+    pub fn prepare_with(
+        &self,
+        messages: &[ChatMessage],
+        reuse: FeatureReuse,
+    ) -> Result<PreparedPrompt, EngineError> {
         let images: Vec<_> = messages
             .iter()
             .flat_map(|m| &m.content)
@@ -236,12 +301,30 @@ impl Engine {
             return Err(EngineError::VisionUnavailable(self.vision));
         }
         let text = self.template.render(messages, true)?;
-        let patches = images
-            .iter()
-            .map(|img| preprocess(img, &self.preprocess))
-            .collect::<Result<Vec<_>, _>>()?;
         let merge = self.preprocess.merge_size;
-        let counts: Vec<usize> = patches.iter().map(|p| p.token_count(merge)).collect();
+        let mut prompt_images = Vec::with_capacity(images.len());
+        let mut counts = Vec::with_capacity(images.len());
+        for img in images {
+            let digest = ImageDigest::of(img);
+            let cached = match reuse {
+                FeatureReuse::Allow => self.features.borrow_mut().get(&digest),
+                FeatureReuse::Recompute => None,
+            };
+            let (grid_thw, input) = match cached {
+                Some(c) => (c.grid_thw, ImageInput::Features(c.features)),
+                None => {
+                    let p = preprocess(img, &self.preprocess)?;
+                    (p.grid_thw, ImageInput::Pixels(p))
+                }
+            };
+            let [t, h, w] = grid_thw.map(|v| v as usize);
+            counts.push(t * h * w / (merge as usize * merge as usize));
+            prompt_images.push(PromptImage {
+                digest,
+                grid_thw,
+                input,
+            });
+        }
         let text = expand_image_pads(&text, &counts)?;
         let tokens = self.tokenize(&text)?;
         let limit = self.context_length();
@@ -253,7 +336,7 @@ impl Engine {
         }
         Ok(PreparedPrompt {
             tokens,
-            images: patches,
+            images: prompt_images,
         })
     }
 
@@ -284,14 +367,25 @@ impl Engine {
         let (embeds, positions, next_position) = self.prompt_inputs(prompt, &mut timings)?;
         let prefill_start = Instant::now();
         let mut cache = self.model.new_cache();
-        let mut logits = self.step(&embeds, &positions, &mut cache)?;
+        let logits = self.forward_last(&embeds, &positions, &mut cache)?;
+        // Greedy decoding picks on the device and pipelines: step n+1 is queued before token
+        // n is read, so host work (detokenizing, streaming) overlaps the next forward and only
+        // one id crosses to the host. Sampling needs the logits on the host.
+        let greedy = params.temperature == 0.0;
+        let mut pending = if greedy {
+            let pick = greedy_pick(&logits)?;
+            self.eval_with_cache(&pick, &cache, false)?;
+            Pending::Device(pick)
+        } else {
+            Pending::Host(self.logits_to_host(&logits, &cache)?)
+        };
         timings.prefill = prefill_start.elapsed();
 
         let mut sampler = Sampler::new(params.seed);
         let mut decoder = IncrementalDecoder::default();
         let mut stops = StopMatcher::new(&params.stop);
         let mut text = String::new();
-        let mut completion_tokens = 0;
+        let mut tokens = Vec::new();
         let mut finish = FinishReason::Length;
         let decode_start = Instant::now();
         let mut emit = |s: &str, text: &mut String| -> ControlFlow<()> {
@@ -302,8 +396,26 @@ impl Engine {
             sink(s)
         };
         for step in 0..budget {
-            let token = sampler.sample(&logits, params);
-            completion_tokens += 1;
+            let last = step + 1 == budget;
+            let position = next_position + step as i32;
+            let token = match pending {
+                Pending::Device(pick) => {
+                    if !last {
+                        let logits = self.forward_token(&pick, position, &mut cache)?;
+                        let next = greedy_pick(&logits)?;
+                        self.eval_with_cache(&next, &cache, true)?;
+                        pending = Pending::Device(next);
+                    } else {
+                        pending = Pending::Done;
+                    }
+                    pick.try_item_exact::<u32>().map_err(|e| {
+                        EngineError::Mlx(mlx_rs::error::Exception::custom(e.to_string()))
+                    })?
+                }
+                Pending::Host(ref logits) => sampler.sample(logits, params),
+                Pending::Done => break,
+            };
+            tokens.push(token);
             if step == 0 {
                 timings.first_token = started.elapsed();
             }
@@ -330,14 +442,14 @@ impl Engine {
                     break;
                 }
             }
-            if step + 1 == budget {
+            if last {
                 break;
             }
-            let ids = Array::from_slice(&[token as i32], &[1, 1]);
-            let embeds = self.model.embed(&ids)?;
-            let pos = next_position + step as i32;
-            let positions = Array::from_slice(&[pos, pos, pos], &[3, 1]);
-            logits = self.step(&embeds, &positions, &mut cache)?;
+            if !greedy {
+                let id = Array::from_slice(&[token as i32], &[1, 1]);
+                let logits = self.forward_token(&id, position, &mut cache)?;
+                pending = Pending::Host(self.logits_to_host(&logits, &cache)?);
+            }
         }
         if finish == FinishReason::Length {
             let rest = stops.flush();
@@ -348,7 +460,7 @@ impl Engine {
         timings.decode = decode_start.elapsed();
         tracing::debug!(
             prompt_len,
-            completion_tokens,
+            completion_tokens = tokens.len(),
             ?finish,
             prefill_ms = timings.prefill.as_millis() as u64,
             decode_ms = timings.decode.as_millis() as u64,
@@ -357,7 +469,8 @@ impl Engine {
         Ok(GenerationOutput {
             text,
             prompt_tokens: prompt_len,
-            completion_tokens,
+            completion_tokens: tokens.len(),
+            tokens,
             finish_reason: finish,
             timings,
         })
@@ -382,20 +495,36 @@ impl Engine {
             .vision_tower
             .as_ref()
             .ok_or(EngineError::VisionUnavailable(self.vision))?;
-        let grids: Vec<[u32; 3]> = prompt.images.iter().map(|p| p.grid_thw).collect();
-        let rows: usize = prompt.images.iter().map(|p| p.rows).sum();
-        let data: Vec<f32> = prompt
-            .images
-            .iter()
-            .flat_map(|p| p.data.iter().copied())
-            .collect();
-        let row_len = (data.len() / rows.max(1)) as i32;
-        let pixels = Array::from_slice(&data, &[rows as i32, row_len]);
-        let features = tower.forward(&pixels, &grids)?.as_dtype(embeds.dtype())?;
-        features.eval()?;
+        let grids: Vec<[u32; 3]> = prompt.images.iter().map(|i| i.grid_thw).collect();
+        let merge = tower.config().spatial_merge_size;
+        // The tower sees one image at a time (its attention never crosses images anyway),
+        // so each image's features are their own buffer, cached on their own.
+        let mut per_image = Vec::with_capacity(prompt.images.len());
+        for image in &prompt.images {
+            let features = match &image.input {
+                ImageInput::Features(f) => f.clone(),
+                ImageInput::Pixels(p) => {
+                    let row_len = (p.data.len() / p.rows.max(1)) as i32;
+                    let pixels = Array::from_slice(&p.data, &[p.rows as i32, row_len]);
+                    let f = tower
+                        .forward(&pixels, &[image.grid_thw])?
+                        .as_dtype(embeds.dtype())?;
+                    f.eval()?;
+                    self.features.borrow_mut().insert(
+                        image.digest,
+                        CachedFeatures {
+                            grid_thw: image.grid_thw,
+                            features: f.clone(),
+                        },
+                    );
+                    f
+                }
+            };
+            per_image.push(features);
+        }
+        let features = mlx_rs::ops::concatenate(&per_image, 0)?;
         timings.vision = vision_start.elapsed();
 
-        let merge = tower.config().spatial_merge_size;
         let (pos, next) =
             mrope_position_ids(&prompt.tokens, &grids, self.config.image_token_id, merge)
                 .map_err(|e| EngineError::Tokenize(e.to_string()))?;
@@ -409,20 +538,58 @@ impl Engine {
         Ok((embeds, Array::from_slice(&flat, &[3, len]), next))
     }
 
-    /// One forward; returns the last position's logits as f32 on the host.
-    fn step(
+    /// The last position's logits `[1, vocab]` (lazy).
+    fn forward_last(
         &self,
         embeds: &Array,
         positions: &Array,
         cache: &mut [LayerCache],
-    ) -> Result<Vec<f32>, EngineError> {
+    ) -> Result<Array, EngineError> {
         let logits = self
             .model
-            .forward(embeds, positions, cache, LogitsScope::Last)?
-            .as_dtype(Dtype::Float32)?;
+            .forward(embeds, positions, cache, LogitsScope::Last)?;
+        let vocab = logits.shape()[2];
+        Ok(logits.reshape(&[1, vocab])?)
+    }
+
+    /// One decode step for the token `id` (any integer array of one element) at `position`.
+    fn forward_token(
+        &self,
+        id: &Array,
+        position: i32,
+        cache: &mut [LayerCache],
+    ) -> Result<Array, EngineError> {
+        let embeds = self.model.embed(&id.reshape(&[1, 1])?)?;
+        let positions = Array::from_slice(&[position; 3], &[3, 1]);
+        self.forward_last(&embeds, &positions, cache)
+    }
+
+    /// Evaluates `out` with the cache, so the graph does not grow across steps; `queue` only
+    /// schedules it.
+    fn eval_with_cache(
+        &self,
+        out: &Array,
+        cache: &[LayerCache],
+        queue: bool,
+    ) -> Result<(), EngineError> {
         let mut arrays: Vec<&Array> = cache.iter().flat_map(LayerCache::arrays).collect();
-        arrays.push(&logits);
-        mlx_rs::transforms::eval(arrays)?;
+        arrays.push(out);
+        if queue {
+            mlx_rs::transforms::async_eval(arrays)?;
+        } else {
+            mlx_rs::transforms::eval(arrays)?;
+        }
+        Ok(())
+    }
+
+    /// Evaluates the logits with the cache and copies them to the host as f32.
+    fn logits_to_host(
+        &self,
+        logits: &Array,
+        cache: &[LayerCache],
+    ) -> Result<Vec<f32>, EngineError> {
+        let logits = logits.as_dtype(Dtype::Float32)?;
+        self.eval_with_cache(&logits, cache, false)?;
         Ok(logits.as_slice::<f32>().to_vec())
     }
 
@@ -430,6 +597,21 @@ impl Engine {
     pub fn parts(&self) -> (&LanguageModel, Option<&VisionTower>) {
         (&self.model, self.vision_tower.as_ref())
     }
+}
+
+/// The next token's source during generation.
+enum Pending {
+    /// Greedy: the argmax, computed (or being computed) on the device.
+    Device(Array),
+    /// Sampling: the logits on the host.
+    Host(Vec<f32>),
+    Done,
+}
+
+/// The greedy token of `[1, vocab]` logits, as a one-element array (first index on ties, as
+/// the host-side argmax).
+fn greedy_pick(logits: &Array) -> Result<Array, EngineError> {
+    Ok(mlx_rs::ops::indexing::argmax_axis(logits, -1, false)?)
 }
 
 /// Replaces the embeddings of the image-pad tokens, in order, by the rows of `features`.

@@ -58,6 +58,9 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(default)]
     pub vision_enabled: bool,
+    /// MiB of vision features kept for images sent again (0: off) [default: 256].
+    #[arg(long)]
+    pub vision_cache_mib: Option<usize>,
     /// Kill switch file [default: $CATHEDRAL_HOME/kill-switch.json, CATHEDRAL_HOME=~/.cathedral].
     #[arg(long)]
     pub kill_switch: Option<PathBuf>,
@@ -133,6 +136,7 @@ pub struct ServeConfig {
     pub admin_identities: Vec<Identity>,
     pub plain_listen: Option<SocketAddr>,
     pub vision_enabled: bool,
+    pub vision_cache_bytes: usize,
     pub kill_switch: PathBuf,
     pub max_concurrency: usize,
     pub max_queue: usize,
@@ -213,6 +217,8 @@ impl ServeArgs {
             admin_identities,
             plain_listen,
             vision_enabled: cli.vision_enabled || file.vision_enabled,
+            vision_cache_bytes: pick!(vision_cache_mib)
+                .map_or(crate::engine::DEFAULT_VISION_CACHE_BYTES, |m| m << 20),
             kill_switch: pick!(kill_switch).unwrap_or_else(crate::killswitch::default_path),
             max_concurrency,
             max_queue: pick!(max_queue).unwrap_or(16),

@@ -86,14 +86,14 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     }
     tracing::info!(model = %config.model.display(), vision_enabled = config.vision_enabled, "loading model");
     let model_dir = config.model.clone();
-    let (vision_enabled, max_c, max_q) = (
-        config.vision_enabled,
-        config.max_concurrency,
-        config.max_queue,
-    );
+    let opts = crate::engine::EngineOptions {
+        vision_enabled: config.vision_enabled,
+        vision_cache_bytes: config.vision_cache_bytes,
+    };
+    let (max_c, max_q) = (config.max_concurrency, config.max_queue);
     let (m, s) = (metrics.clone(), shutdown.clone());
     let engine = tokio::task::spawn_blocking(move || {
-        EngineHandle::start(&model_dir, vision_enabled, max_c, max_q, m, s)
+        EngineHandle::start(&model_dir, opts, max_c, max_q, m, s)
     })
     .await
     .context("model loading task")?

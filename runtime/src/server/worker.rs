@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::engine::{
-    Engine, EngineError, EngineOptions, FinishReason, GenerationOutput, SamplingParams,
-    VisionAvailability,
+    Engine, EngineError, EngineOptions, FeatureReuse, FinishReason, GenerationOutput,
+    SamplingParams, VisionAvailability,
 };
 use crate::metrics::Metrics;
 use crate::prompt::ChatMessage;
@@ -73,6 +73,8 @@ pub struct Job {
     pub events: mpsc::UnboundedSender<JobEvent>,
     pub cancel: Arc<AtomicBool>,
     pub deadline: Instant,
+    /// `Recompute` when the client sent `Cache-Control: no-cache`.
+    pub image_features: FeatureReuse,
 }
 
 /// Flags the shutdown sequence raises; the engine thread reads them between tokens.
@@ -114,7 +116,7 @@ impl EngineHandle {
     /// Starts the engine thread and loads the model on it; returns once it is loaded.
     pub fn start(
         model_dir: &Path,
-        vision_enabled: bool,
+        opts: EngineOptions,
         max_concurrency: usize,
         max_queue: usize,
         metrics: Arc<Metrics>,
@@ -130,7 +132,6 @@ impl EngineHandle {
             .name("engine".into())
             .spawn(move || {
                 let started = Instant::now();
-                let opts = EngineOptions { vision_enabled };
                 let engine = match Engine::load(&dir, &opts) {
                     Ok(e) => e,
                     Err(e) => {
@@ -243,6 +244,7 @@ fn run_job(engine: &mut Engine, job: Job, shutdown: &ShutdownFlags, metrics: &Me
         events,
         cancel,
         deadline,
+        image_features,
     } = job;
     if cancel.load(Ordering::Relaxed) || events.is_closed() {
         return; // the client left while waiting
@@ -255,7 +257,7 @@ fn run_job(engine: &mut Engine, job: Job, shutdown: &ShutdownFlags, metrics: &Me
         let _ = events.send(JobEvent::Failed(JobError::TimedOutInQueue));
         return;
     }
-    let prepared = match engine.prepare(&messages) {
+    let prepared = match engine.prepare_with(&messages, image_features) {
         Ok(p) => p,
         Err(e) => {
             let _ = events.send(JobEvent::Failed(JobError::Engine(e)));
@@ -322,7 +324,11 @@ fn run_job(engine: &mut Engine, job: Job, shutdown: &ShutdownFlags, metrics: &Me
                 output.timings.decode,
             );
             if prepared.image_count() > 0 {
-                metrics.vision_tower(output.timings.vision);
+                let cached = prepared.cached_images();
+                metrics.images(prepared.image_count() - cached, cached);
+                if cached < prepared.image_count() {
+                    metrics.vision_tower(output.timings.vision);
+                }
             }
             let _ = events.send(JobEvent::Finished { output, end });
         }
