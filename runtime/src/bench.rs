@@ -56,6 +56,9 @@ pub struct BenchArgs {
     /// and the prefill with logits for every position instead of the last one only.
     #[arg(long)]
     pub profile: bool,
+    /// Compiled (fused) elementwise kernels in the language model.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub fusion: crate::model::fused::Fusion,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -72,6 +75,7 @@ pub fn peak_rss_bytes() -> Option<u64> {
 }
 
 pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
+    crate::model::fused::set_fusion(args.fusion);
     let load_start = Instant::now();
     let engine = Engine::load(
         &args.model,
@@ -190,7 +194,8 @@ fn bench_text(mut engine: Engine, args: &BenchArgs) -> anyhow::Result<serde_json
         "prefill_s": median(prefill),
         "first_token_s": median(first.clone()),
         "first_token_runs_s": first,
-        "decode_tok_s": median(decode_tps),
+        "decode_tok_s": median(decode_tps.clone()),
+        "decode_runs_tok_s": decode_tps,
         "completion_tokens": tokens,
     });
     if args.profile {

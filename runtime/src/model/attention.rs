@@ -3,9 +3,10 @@
 use mlx_rs::error::Exception;
 use mlx_rs::fast::{self, ScaledDotProductAttentionMask};
 use mlx_rs::macros::ModuleParameters;
-use mlx_rs::{ops, Array};
+use mlx_rs::Array;
 
 use super::cache::KvCache;
+use super::fused;
 use super::linear::{Linear, QuantLookup};
 use super::norm::RmsNorm;
 use super::rope::MRope;
@@ -91,6 +92,6 @@ impl Attention {
         let out = out
             .transpose_axes(&[0, 2, 1, 3])?
             .reshape(&[b, l, nh * hd])?;
-        self.o_proj.forward(&out.multiply(ops::sigmoid(&gate)?)?)
+        self.o_proj.forward(&fused::sigmoid_gate(&out, &gate)?)
     }
 }

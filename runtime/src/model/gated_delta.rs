@@ -11,6 +11,7 @@ use mlx_rs::ops::indexing::IndexOp;
 use mlx_rs::{fast, nn, ops, Array, Dtype};
 
 use super::cache::DeltaCache;
+use super::fused;
 use super::linear::{placeholder, Linear, QuantLookup};
 use super::norm::RmsNormGated;
 use super::scalar;
@@ -137,11 +138,7 @@ impl GatedDeltaNet {
         let k = fast::rms_norm(&k, None, rms_eps)?.multiply(scalar(inv, k.dtype())?)?;
 
         let beta = ops::sigmoid(&beta_in)?;
-        let decay_rate = self.A_log.as_ref().as_dtype(Dtype::Float32)?.exp()?;
-        let g = decay_rate
-            .multiply(nn::softplus(a.add(self.dt_bias.as_ref())?)?)?
-            .negative()?
-            .exp()?;
+        let g = fused::decay(self.A_log.as_ref(), &a, self.dt_bias.as_ref())?;
 
         let (q, k) = if hv > hk {
             let r = hv / hk;
@@ -180,7 +177,7 @@ fn delta_sequential(
     let steps = q.shape()[1];
     let mut ys = Vec::with_capacity(steps as usize);
     for t in 0..steps {
-        let (y, next) = delta_step(
+        let (y, next) = fused::delta_step(
             &q.index((.., t, .., ..)),
             &k.index((.., t, .., ..)),
             &v.index((.., t, .., ..)),
@@ -327,23 +324,4 @@ fn invert_unit_lower(t: &Array, c: i32) -> Result<Array, Exception> {
         );
     }
     ops::concatenate(&rows, -2)
-}
-
-/// One recurrence step. q, k `[B, H, Dk]`, v `[B, H, Dv]`, g, β `[B, H]`, state `[B, H, Dv, Dk]`.
-fn delta_step(
-    q: &Array,
-    k: &Array,
-    v: &Array,
-    g: &Array,
-    beta: &Array,
-    state: &Array,
-) -> Result<(Array, Array), Exception> {
-    let decay = g.expand_dims_axes(&[-1, -2])?;
-    let state = state.multiply(&decay)?;
-    let k_row = k.expand_dims(-2)?;
-    let kv_mem = state.multiply(&k_row)?.sum_axis(-1, None)?;
-    let delta = v.subtract(&kv_mem)?.multiply(beta.expand_dims(-1)?)?;
-    let state = state.add(k_row.multiply(delta.expand_dims(-1)?)?)?;
-    let y = state.multiply(q.expand_dims(-2)?)?.sum_axis(-1, None)?;
-    Ok((y.as_dtype(q.dtype())?, state))
 }

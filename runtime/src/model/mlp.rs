@@ -2,8 +2,9 @@
 //! shared expert of `qwen3_5_moe`.
 use mlx_rs::error::Exception;
 use mlx_rs::macros::ModuleParameters;
-use mlx_rs::{nn, Array};
+use mlx_rs::Array;
 
+use super::fused;
 use super::linear::{Linear, QuantLookup};
 
 #[derive(Debug, Clone, ModuleParameters)]
@@ -26,7 +27,7 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: &Array) -> Result<Array, Exception> {
-        let h = nn::silu(self.gate_proj.forward(x)?)?.multiply(self.up_proj.forward(x)?)?;
+        let h = fused::swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
         self.down_proj.forward(&h)
     }
 }

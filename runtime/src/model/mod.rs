@@ -5,6 +5,7 @@ pub mod attention;
 pub mod cache;
 pub mod decoder;
 pub mod embedding;
+pub mod fused;
 pub mod gated_delta;
 pub mod language_model;
 pub mod linear;

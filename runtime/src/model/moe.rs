@@ -5,8 +5,9 @@ use mlx_rs::error::Exception;
 use mlx_rs::macros::ModuleParameters;
 use mlx_rs::module::Param;
 use mlx_rs::ops::indexing::{take_along_axis, IndexOp};
-use mlx_rs::{nn, ops, Array, Dtype};
+use mlx_rs::{ops, Array, Dtype};
 
+use super::fused;
 use super::linear::{placeholder, quantized_shapes, Linear, QuantLookup, QuantSpec};
 use super::mlp::Mlp;
 use crate::config::TextConfig;
@@ -131,7 +132,7 @@ impl SwitchGlu {
     fn glu(&self, x: &Array, idx: &Array, sorted: bool) -> Result<Array, Exception> {
         let up = self.up_proj.forward(x, idx, sorted)?;
         let gate = self.gate_proj.forward(x, idx, sorted)?;
-        let h = nn::silu(gate)?.multiply(up)?;
+        let h = fused::swiglu(&gate, &up)?;
         self.down_proj.forward(&h, idx, sorted)
     }
 }
@@ -188,7 +189,7 @@ impl SparseMoeBlock {
         let y = self.switch_mlp.forward(x, &inds)?;
         let y = y.multiply(scores.expand_dims(-1)?)?.sum_axis(-2, None)?;
         let shared = self.shared_expert.forward(x)?;
-        let shared = ops::sigmoid(self.shared_expert_gate.forward(x)?)?.multiply(shared)?;
+        let shared = fused::sigmoid_gate(&shared, &self.shared_expert_gate.forward(x)?)?;
         y.add(shared)
     }
 }

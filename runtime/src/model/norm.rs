@@ -3,7 +3,7 @@
 use mlx_rs::error::Exception;
 use mlx_rs::macros::ModuleParameters;
 use mlx_rs::module::Param;
-use mlx_rs::{fast, nn, Array, Dtype};
+use mlx_rs::{fast, Array};
 
 use super::linear::placeholder;
 
@@ -45,8 +45,7 @@ impl RmsNormGated {
     /// `RMSNorm(x) · SiLU(gate)`.
     pub fn forward(&self, x: &Array, gate: &Array) -> Result<Array, Exception> {
         let normed = fast::rms_norm(x, Some(self.weight.as_ref()), self.eps)?;
-        let gate = nn::silu(gate.as_dtype(Dtype::Float32)?)?;
-        gate.multiply(normed.as_dtype(Dtype::Float32)?)?
-            .as_dtype(x.dtype())
+        // rms_norm keeps x's dtype, so the product comes back in it.
+        super::fused::silu_gate_f32(&normed, gate)
     }
 }
