@@ -19,7 +19,9 @@ pub enum Edit {
         flag: String,
         after: Option<String>,
     },
-    /// Remove every occurrence of a flag (`--x` and `--x=value`).
+    /// Remove every occurrence of a flag: `--x=value`, `--x`, and with `--x` the value after
+    /// it, if there is one (an argument not starting with `-`: `cathedral serve` takes no
+    /// positional arguments, so such an argument can only be this flag's value).
     RemoveFlag(String),
     SetEnv {
         name: String,
@@ -104,8 +106,14 @@ impl LaunchAgent {
                 let mut i = 1;
                 while i < a.len() {
                     let s = a[i].as_string().unwrap_or_default();
-                    if s == flag || s.starts_with(&prefix) {
+                    if s.starts_with(&prefix) {
                         a.remove(i);
+                    } else if s == flag {
+                        a.remove(i);
+                        let value = a.get(i).and_then(|v| v.as_string());
+                        if value.is_some_and(|v| !v.starts_with('-')) {
+                            a.remove(i);
+                        }
                     } else {
                         i += 1;
                     }
@@ -235,6 +243,31 @@ mod tests {
             .apply(&Edit::RemoveFlag("--vision-enabled".into()))
             .unwrap());
         assert_eq!(a, sample());
+    }
+
+    #[test]
+    fn removing_a_flag_takes_its_value_along() {
+        let mut a = sample();
+        assert!(a.apply(&Edit::RemoveFlag("--listen".into())).unwrap());
+        assert_eq!(
+            a.program_arguments(),
+            ["/opt/old/cathedral", "serve", "--no-plain"]
+        );
+        let mut b = sample();
+        b.apply(&Edit::InsertFlag {
+            flag: "--kill-switch=/tmp/k".into(),
+            after: None,
+        })
+        .unwrap();
+        b.apply(&Edit::RemoveFlag("--kill-switch".into())).unwrap();
+        assert_eq!(b, sample());
+        // A flag followed by another flag leaves that one alone.
+        let mut c = sample();
+        c.apply(&Edit::RemoveFlag("--no-plain".into())).unwrap();
+        assert_eq!(
+            c.program_arguments(),
+            ["/opt/old/cathedral", "serve", "--listen", "0.0.0.0:1337"]
+        );
     }
 
     #[test]
