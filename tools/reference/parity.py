@@ -28,6 +28,7 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 
 import mlx.core as mx
 import numpy as np
@@ -57,24 +58,9 @@ def hf_normalize_qk(self, q, k):
 vlm_language.Qwen3_5GatedDeltaNet._normalize_qk = hf_normalize_qk
 
 
-def widened_switch_linear(self, x, indices, sorted_indices=False):
-    """Expert matmul with float32 operands (CPU gather_mm is float32-only), result in x's dtype."""
-    y = mx.gather_mm(
-        x.astype(mx.float32),
-        self["weight"].astype(mx.float32).swapaxes(-1, -2),
-        rhs_indices=indices,
-        sorted_indices=sorted_indices,
-    ).astype(x.dtype)
-    if "bias" in self:
-        y = y + mx.expand_dims(self["bias"][indices], -2)
-    return y
-
-
-import mlx_lm.models.switch_layers as lm_switch  # noqa: E402
-import mlx_vlm.models.switch_layers as vlm_switch  # noqa: E402
-
-lm_switch.SwitchLinear.__call__ = widened_switch_linear
-vlm_switch.SwitchLinear.__call__ = widened_switch_linear
+# CPU gather_mm is float32-only: the same expert-matmul shim the benchmark uses.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+import cpu_compat  # noqa: E402,F401
 
 
 def test_image(width, height):

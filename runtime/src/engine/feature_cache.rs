@@ -59,6 +59,11 @@ impl FeatureCache {
         }
     }
 
+    /// Whether anything can be kept (a budget above zero).
+    pub fn is_enabled(&self) -> bool {
+        self.budget_bytes > 0
+    }
+
     pub fn get(&mut self, key: &ImageDigest) -> Option<CachedFeatures> {
         let Some(i) = self.entries.iter().position(|(k, _)| k == key) else {
             self.misses += 1;
@@ -147,6 +152,7 @@ mod tests {
         c.insert(key(1), features(4));
         assert!(c.is_empty());
         let mut off = FeatureCache::new(0);
+        assert!(!off.is_enabled());
         off.insert(key(1), features(1));
         assert!(off.get(&key(1)).is_none());
     }

@@ -106,7 +106,8 @@ pub enum FeatureReuse {
 /// One image of a prompt: its pixels, or its features when the cache already had them.
 #[derive(Debug, Clone)]
 pub struct PromptImage {
-    digest: ImageDigest,
+    /// `None` when the cache is off: no hashing for nothing.
+    digest: Option<ImageDigest>,
     grid_thw: [u32; 3],
     input: ImageInput,
 }
@@ -305,10 +306,14 @@ impl Engine {
         let mut prompt_images = Vec::with_capacity(images.len());
         let mut counts = Vec::with_capacity(images.len());
         for img in images {
-            let digest = ImageDigest::of(img);
-            let cached = match reuse {
-                FeatureReuse::Allow => self.features.borrow_mut().get(&digest),
-                FeatureReuse::Recompute => None,
+            let digest = self
+                .features
+                .borrow()
+                .is_enabled()
+                .then(|| ImageDigest::of(img));
+            let cached = match (reuse, &digest) {
+                (FeatureReuse::Allow, Some(d)) => self.features.borrow_mut().get(d),
+                _ => None,
             };
             let (grid_thw, input) = match cached {
                 Some(c) => (c.grid_thw, ImageInput::Features(c.features)),
@@ -510,13 +515,15 @@ impl Engine {
                         .forward(&pixels, &[image.grid_thw])?
                         .as_dtype(embeds.dtype())?;
                     f.eval()?;
-                    self.features.borrow_mut().insert(
-                        image.digest,
-                        CachedFeatures {
-                            grid_thw: image.grid_thw,
-                            features: f.clone(),
-                        },
-                    );
+                    if let Some(digest) = image.digest {
+                        self.features.borrow_mut().insert(
+                            digest,
+                            CachedFeatures {
+                                grid_thw: image.grid_thw,
+                                features: f.clone(),
+                            },
+                        );
+                    }
                     f
                 }
             };
