@@ -220,12 +220,14 @@ fn profile_prefill(
     let (mut decode_layers, mut decode_steps) = (vec![Vec::new(); n_layers], vec![]);
     for _ in 0..runs.max(1) {
         let mut cache = model.new_cache();
-        let (cos, sin) = model.rope.cos_sin(&positions, embeds.dtype())?;
-        mlx_rs::transforms::eval([&cos, &sin, &embeds])?;
+        let tables = model.rope.tables(&positions, embeds.dtype())?;
+        let mut ready = tables.arrays();
+        ready.push(&embeds);
+        mlx_rs::transforms::eval(ready)?;
         let mut h = embeds.clone();
         for (i, (layer, c)) in model.model.layers.iter().zip(cache.iter_mut()).enumerate() {
             let t = Instant::now();
-            h = layer.forward(&h, &model.rope, &cos, &sin, c)?;
+            h = layer.forward(&h, &model.rope, &tables, c)?;
             let mut arrays: Vec<&Array> = c.arrays();
             arrays.push(&h);
             mlx_rs::transforms::eval(arrays)?;
@@ -304,11 +306,11 @@ fn decode_profile(
         let p = prompt_len + s;
         let positions = Array::from_slice(&[p, p, p], &[3, 1]);
         if s < STEPS {
-            let (cos, sin) = model.rope.cos_sin(&positions, token.dtype())?;
+            let tables = model.rope.tables(&positions, token.dtype())?;
             let mut h = token;
             for (i, (layer, c)) in model.model.layers.iter().zip(cache.iter_mut()).enumerate() {
                 let t = Instant::now();
-                h = layer.forward(&h, &model.rope, &cos, &sin, c)?;
+                h = layer.forward(&h, &model.rope, &tables, c)?;
                 let mut arrays: Vec<&Array> = c.arrays();
                 arrays.push(&h);
                 mlx_rs::transforms::eval(arrays)?;

@@ -346,6 +346,7 @@ pub fn load_model(dir: &Path, opts: LoadOptions) -> Result<LoadedModel, LoaderEr
         });
     }
     language_model.eval()?;
+    language_model.fuse_projections()?;
     if let Some(t) = &vision_tower {
         t.eval()?;
     }

@@ -55,10 +55,10 @@ fn bf16_checkpoint_keeps_bf16_activations_through_vision_and_every_layer() {
     let mut cache = model.new_cache();
     let mut h = embeds.clone();
     let step = |h: Array, positions: &Array, cache: &mut [LayerCache], what: &str| -> Array {
-        let (cos, sin) = model.rope.cos_sin(positions, h.dtype()).unwrap();
+        let tables = model.rope.tables(positions, h.dtype()).unwrap();
         let mut h = h;
         for (i, (layer, c)) in model.model.layers.iter().zip(cache.iter_mut()).enumerate() {
-            h = layer.forward(&h, &model.rope, &cos, &sin, c).unwrap();
+            h = layer.forward(&h, &model.rope, &tables, c).unwrap();
             assert_eq!(
                 h.dtype(),
                 Dtype::Bfloat16,

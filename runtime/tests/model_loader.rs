@@ -1,15 +1,18 @@
 //! The strict loader on variants of the tiny checkpoint: Hugging Face layout, shards, missing /
-//! unexpected / wrong-shape tensors, text-only, 8-bit; and the engine's vision states.
+//! unexpected / wrong-shape tensors, text-only, 8-bit; the engine's vision states; and the
+//! projections stacked after loading.
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
 
 use cathedral_runtime::engine::{Engine, EngineError, EngineOptions, VisionAvailability};
 use cathedral_runtime::loader::{load_model, LoadOptions, LoaderError};
-use cathedral_runtime::model::LogitsScope;
+use cathedral_runtime::model::decoder::FeedForward;
+use cathedral_runtime::model::{LanguageModel, LogitsScope};
 use cathedral_runtime::prompt::{ChatMessage, ContentPart, Role};
 use cathedral_runtime::tiny::{write_tiny_model, TinyDtype, TinyModelArgs};
 use cathedral_runtime::vision::preprocess::DecodedImage;
+use mlx_rs::ops::indexing::IndexOp;
 use mlx_rs::{ops, Array, Dtype};
 
 static MLX: Mutex<()> = Mutex::new(());
@@ -367,5 +370,108 @@ fn tiny_model_is_deterministic_and_fully_random() {
             .unwrap()
             .item_exact::<f32>();
         assert!(spread > 0.0, "{name} is constant");
+    }
+}
+
+/// The model with every stacked projection dropped, so each part runs its own matmul.
+fn unstacked(lm: &LanguageModel) -> LanguageModel {
+    let mut plain = lm.clone();
+    for layer in &mut plain.model.layers {
+        if let Some(d) = &mut layer.linear_attn {
+            d.in_proj = None;
+        }
+        if let Some(a) = &mut layer.self_attn {
+            a.qkv = None;
+        }
+        match &mut layer.mlp {
+            FeedForward::Moe(m) => {
+                m.router = None;
+                m.shared_expert.gate_up = None;
+                m.switch_mlp.gate_up = None;
+            }
+            FeedForward::Dense(m) => m.gate_up = None,
+        }
+    }
+    plain
+}
+
+/// Prefill logits at every position, then greedy decode steps' logits.
+fn prefill_and_decode(lm: &LanguageModel) -> Vec<Array> {
+    let ids = [9419, 1814, 11, 279, 76435, 15175, 13, 248046];
+    let len = ids.len() as i32;
+    let mut cache = lm.new_cache();
+    let embeds = lm.embed(&Array::from_slice(&ids, &[1, len])).unwrap();
+    let pos: Vec<i32> = (0..3).flat_map(|_| 0..len).collect();
+    let mut out = vec![lm
+        .forward(
+            &embeds,
+            &Array::from_slice(&pos, &[3, len]),
+            &mut cache,
+            LogitsScope::All,
+        )
+        .unwrap()];
+    for step in 0..4 {
+        let last = out.last().unwrap();
+        let n = last.shape()[1];
+        let tok = mlx_rs::ops::indexing::argmax_axis(last.index((.., n - 1, ..)), -1, false)
+            .unwrap()
+            .as_dtype(Dtype::Int32)
+            .unwrap()
+            .reshape(&[1, 1])
+            .unwrap();
+        let p = len + step;
+        let logits = lm
+            .forward(
+                &lm.embed(&tok).unwrap(),
+                &Array::from_slice(&[p, p, p], &[3, 1]),
+                &mut cache,
+                LogitsScope::Last,
+            )
+            .unwrap();
+        out.push(logits);
+    }
+    out
+}
+
+#[test]
+fn stacked_projections_compute_what_the_separate_ones_do() {
+    let _g = MLX.lock().unwrap_or_else(|e| e.into_inner());
+    for q_bits in [None, Some(4)] {
+        let dir = tiny(q_bits);
+        let model = load_model(dir.path(), LoadOptions { vision: false }).unwrap();
+        let lm = &model.language_model;
+        for layer in &lm.model.layers {
+            assert!(layer
+                .linear_attn
+                .as_ref()
+                .is_none_or(|d| d.in_proj.is_some()));
+            assert!(layer.self_attn.as_ref().is_none_or(|a| a.qkv.is_some()));
+            if let FeedForward::Moe(m) = &layer.mlp {
+                assert!(m.router.is_some() && m.switch_mlp.gate_up.is_some());
+                assert!(m.shared_expert.gate_up.is_some());
+            }
+        }
+        // The parts are views into the stacks and still hold the checkpoint's tensors.
+        let stored = tensors(dir.path());
+        let delta = lm.model.layers[0].linear_attn.as_ref().unwrap();
+        for (name, part) in [
+            ("in_proj_z", &delta.in_proj_z),
+            ("in_proj_a", &delta.in_proj_a),
+        ] {
+            let key = format!("language_model.model.layers.0.linear_attn.{name}.weight");
+            assert!(
+                part.weight.eq_values(&stored[&key]).unwrap(),
+                "{name} ({q_bits:?})"
+            );
+        }
+        let plain = unstacked(lm);
+        for (i, (a, b)) in prefill_and_decode(lm)
+            .iter()
+            .zip(prefill_and_decode(&plain))
+            .enumerate()
+        {
+            let d = max_abs_diff(a, &b);
+            assert!(d <= 1e-4, "{q_bits:?} step {i}: max |Δlogit| {d}");
+        }
     }
 }

@@ -7,9 +7,9 @@ use mlx_rs::Array;
 
 use super::cache::KvCache;
 use super::fused;
-use super::linear::{Linear, QuantLookup};
+use super::linear::{Linear, QuantLookup, Stacked};
 use super::norm::RmsNorm;
-use super::rope::MRope;
+use super::rope::{MRope, RopeTables};
 use crate::config::TextConfig;
 
 #[derive(Debug, Clone, ModuleParameters)]
@@ -29,6 +29,8 @@ pub struct Attention {
     pub num_heads: i32,
     pub num_kv_heads: i32,
     pub head_dim: i32,
+    /// q | k | v as one matmul, once [`Attention::fuse`] has run.
+    pub qkv: Option<Stacked>,
 }
 
 impl Attention {
@@ -48,33 +50,53 @@ impl Attention {
             num_heads: cfg.num_attention_heads as i32,
             num_kv_heads: cfg.num_key_value_heads as i32,
             head_dim: hd as i32,
+            qkv: None,
         }
     }
 
-    /// `x` `[B, L, hidden]`; `cos`/`sin` `[L, rotary_dim]` for these L positions.
+    /// Stacks the query, key and value projections (after loading).
+    pub fn fuse(&mut self) -> Result<(), Exception> {
+        self.qkv = Stacked::new(vec![&mut self.q_proj, &mut self.k_proj, &mut self.v_proj])?;
+        self.o_proj.guard_narrow()
+    }
+
+    fn project_qkv(&self, x: &Array) -> Result<(Array, Array, Array), Exception> {
+        if let Some(stacked) = &self.qkv {
+            let mut p = stacked.forward(x)?.into_iter();
+            let mut next = || p.next().expect("three parts");
+            return Ok((next(), next(), next()));
+        }
+        Ok((
+            self.q_proj.forward(x)?,
+            self.k_proj.forward(x)?,
+            self.v_proj.forward(x)?,
+        ))
+    }
+
+    /// `x` `[B, L, hidden]`, rotated by `tables` for these L positions.
     pub fn forward(
         &self,
         x: &Array,
         rope: &MRope,
-        cos: &Array,
-        sin: &Array,
+        tables: &RopeTables,
         cache: &mut KvCache,
     ) -> Result<Array, Exception> {
         let (b, l) = (x.shape()[0], x.shape()[1]);
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let qg = self.q_proj.forward(x)?.reshape(&[b, l, nh, 2 * hd])?;
+        let (q, k, v) = self.project_qkv(x)?;
+        let qg = q.reshape(&[b, l, nh, 2 * hd])?;
         let parts = qg.split_equal(2, -1)?;
         let (queries, gate) = (&parts[0], parts[1].reshape(&[b, l, nh * hd])?);
-        let keys = self.k_proj.forward(x)?.reshape(&[b, l, nkv, hd])?;
-        let values = self.v_proj.forward(x)?.reshape(&[b, l, nkv, hd])?;
+        let keys = k.reshape(&[b, l, nkv, hd])?;
+        let values = v.reshape(&[b, l, nkv, hd])?;
         let queries = self
             .q_norm
             .forward(queries)?
             .transpose_axes(&[0, 2, 1, 3])?;
         let keys = self.k_norm.forward(&keys)?.transpose_axes(&[0, 2, 1, 3])?;
         let values = values.transpose_axes(&[0, 2, 1, 3])?;
-        let queries = rope.apply(&queries, cos, sin)?;
-        let keys = rope.apply(&keys, cos, sin)?;
+        let queries = rope.rotate(&queries, tables)?;
+        let keys = rope.rotate(&keys, tables)?;
         let (keys, values) = cache.update(keys, values)?;
         let scale = (hd as f32).powf(-0.5);
         let out = if l > 1 {

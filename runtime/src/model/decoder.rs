@@ -12,7 +12,7 @@ use super::linear::QuantLookup;
 use super::mlp::Mlp;
 use super::moe::SparseMoeBlock;
 use super::norm::RmsNorm;
-use super::rope::MRope;
+use super::rope::{MRope, RopeTables};
 use crate::config::TextConfig;
 
 /// The layer's MLP; its parameters sit directly under `mlp.` whichever kind it is.
@@ -111,6 +111,20 @@ impl DecoderLayer {
         }
     }
 
+    /// Stacks the projections of this layer's blocks (after loading).
+    pub fn fuse(&mut self) -> Result<(), Exception> {
+        if let Some(delta) = &mut self.linear_attn {
+            delta.fuse()?;
+        }
+        if let Some(attn) = &mut self.self_attn {
+            attn.fuse()?;
+        }
+        match &mut self.mlp {
+            FeedForward::Moe(m) => m.fuse(),
+            FeedForward::Dense(m) => m.fuse(),
+        }
+    }
+
     pub fn is_linear(&self) -> bool {
         self.linear_attn.is_some()
     }
@@ -127,16 +141,13 @@ impl DecoderLayer {
         &self,
         x: &Array,
         rope: &MRope,
-        cos: &Array,
-        sin: &Array,
+        tables: &RopeTables,
         cache: &mut LayerCache,
     ) -> Result<Array, Exception> {
         let normed = self.input_layernorm.forward(x)?;
         let r = match (&self.linear_attn, &self.self_attn, cache) {
             (Some(delta), _, LayerCache::Linear(c)) => delta.forward(&normed, c)?,
-            (_, Some(attn), LayerCache::Attention(c)) => {
-                attn.forward(&normed, rope, cos, sin, c)?
-            }
+            (_, Some(attn), LayerCache::Attention(c)) => attn.forward(&normed, rope, tables, c)?,
             _ => {
                 return Err(Exception::custom(
                     "cache kind does not match the layer kind",

@@ -67,6 +67,10 @@ thread_local! {
         |(x, g): (&Array, &Array)| sigmoid_gate_eager(x, g),
         true,
     )));
+    static GATED_ADD: RefCell<Ternary> = RefCell::new(Box::new(compile(
+        |(y, x, g): (&Array, &Array, &Array)| gated_add_eager(y, x, g),
+        true,
+    )));
     static DECAY: RefCell<Ternary> = RefCell::new(Box::new(compile(
         |(a_log, a, dt_bias): (&Array, &Array, &Array)| decay_eager(a_log, a, dt_bias),
         true,
@@ -117,6 +121,18 @@ pub fn sigmoid_gate(x: &Array, gate: &Array) -> Result<Array, Exception> {
 
 pub fn sigmoid_gate_eager(x: &Array, gate: &Array) -> Result<Array, Exception> {
     x.multiply(ops::sigmoid(gate)?)
+}
+
+/// `y + x · σ(gate)` (the MoE output: routed experts plus the gated shared expert).
+pub fn gated_add(y: &Array, x: &Array, gate: &Array) -> Result<Array, Exception> {
+    if !fused() {
+        return gated_add_eager(y, x, gate);
+    }
+    GATED_ADD.with(|f| (f.borrow_mut())((y, x, gate)))
+}
+
+pub fn gated_add_eager(y: &Array, x: &Array, gate: &Array) -> Result<Array, Exception> {
+    y.add(sigmoid_gate_eager(x, gate)?)
 }
 
 /// DeltaNet's per-token decay `g = exp(−exp(A_log) · softplus(a + dt_bias))`, f32.
@@ -215,6 +231,13 @@ mod tests {
                 max_diff(
                     &sigmoid_gate(&x, &g).unwrap(),
                     &sigmoid_gate_eager(&x, &g).unwrap()
+                ) <= tol
+            );
+            let y = normal(&[2, 3, 8], dtype, 12);
+            assert!(
+                max_diff(
+                    &gated_add(&y, &x, &g).unwrap(),
+                    &gated_add_eager(&y, &x, &g).unwrap()
                 ) <= tol
             );
             let (a_log, dt) = (normal(&[3], dtype, 3), normal(&[3], dtype, 4));

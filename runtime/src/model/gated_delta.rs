@@ -12,7 +12,7 @@ use mlx_rs::{fast, nn, ops, Array, Dtype};
 
 use super::cache::DeltaCache;
 use super::fused;
-use super::linear::{placeholder, Linear, QuantLookup};
+use super::linear::{placeholder, Linear, QuantLookup, Stacked};
 use super::norm::RmsNormGated;
 use super::scalar;
 use crate::config::TextConfig;
@@ -47,6 +47,11 @@ pub struct GatedDeltaNet {
     pub head_k_dim: i32,
     pub head_v_dim: i32,
     pub kernel: i32,
+    /// qkv | z | b | a as one matmul, once [`GatedDeltaNet::fuse`] has run.
+    pub in_proj: Option<Stacked>,
+    /// The q and k scales `d_k^−1` and `d_k^−½` as RMSNorm weights (`[d_k]`, in the layer's
+    /// dtype), so that normalising and scaling is one kernel each.
+    pub qk_scales: Option<(Array, Array)>,
 }
 
 /// Holds only `weight` so the key is `conv1d.weight`.
@@ -85,7 +90,43 @@ impl GatedDeltaNet {
             head_k_dim: cfg.linear_key_head_dim as i32,
             head_v_dim: cfg.linear_value_head_dim as i32,
             kernel: cfg.linear_conv_kernel_dim as i32,
+            in_proj: None,
+            qk_scales: None,
         }
+    }
+
+    /// Stacks the four input projections (after loading).
+    pub fn fuse(&mut self) -> Result<(), Exception> {
+        self.in_proj = Stacked::new(vec![
+            &mut self.in_proj_qkv,
+            &mut self.in_proj_z,
+            &mut self.in_proj_b,
+            &mut self.in_proj_a,
+        ])?;
+        self.out_proj.guard_narrow()?;
+        let dtype = self.norm.weight.dtype();
+        let inv = (self.head_k_dim as f32).powf(-0.5);
+        let filled =
+            |v: f32| ops::full::<f32>(&[self.head_k_dim], Array::from_f32(v))?.as_dtype(dtype);
+        let scales = (filled(inv * inv)?, filled(inv)?);
+        mlx_rs::transforms::eval([&scales.0, &scales.1])?;
+        self.qk_scales = Some(scales);
+        Ok(())
+    }
+
+    /// (qkv, z, b, a) projections of `x`.
+    fn project_in(&self, x: &Array) -> Result<(Array, Array, Array, Array), Exception> {
+        if let Some(stacked) = &self.in_proj {
+            let mut p = stacked.forward(x)?.into_iter();
+            let mut next = || p.next().expect("four parts");
+            return Ok((next(), next(), next(), next()));
+        }
+        Ok((
+            self.in_proj_qkv.forward(x)?,
+            self.in_proj_z.forward(x)?,
+            self.in_proj_b.forward(x)?,
+            self.in_proj_a.forward(x)?,
+        ))
     }
 
     pub fn forward(&self, x: &Array, cache: &mut DeltaCache) -> Result<Array, Exception> {
@@ -99,10 +140,8 @@ impl GatedDeltaNet {
         let key_dim = hk * dk;
         let conv_dim = 2 * key_dim + hv * dv;
 
-        let qkv = self.in_proj_qkv.forward(x)?;
-        let z = self.in_proj_z.forward(x)?.reshape(&[b, s, hv, dv])?;
-        let beta_in = self.in_proj_b.forward(x)?;
-        let a = self.in_proj_a.forward(x)?;
+        let (qkv, z, beta_in, a) = self.project_in(x)?;
+        let z = z.reshape(&[b, s, hv, dv])?;
 
         // Causal depthwise conv over [previous K−1 inputs | this chunk].
         let conv_state = match cache.conv.take() {
@@ -134,11 +173,40 @@ impl GatedDeltaNet {
         // L2 norm with ε on Σx² == rms_norm with ε/d on mean(x²), times d^−½.
         let inv = (dk as f32).powf(-0.5);
         let rms_eps = QK_L2_EPS * inv * inv;
-        let q = fast::rms_norm(&q, None, rms_eps)?.multiply(scalar(inv * inv, q.dtype())?)?;
-        let k = fast::rms_norm(&k, None, rms_eps)?.multiply(scalar(inv, k.dtype())?)?;
+        let (q, k) = match &self.qk_scales {
+            Some((qs, ks)) if qs.dtype() == q.dtype() => (
+                fast::rms_norm(&q, Some(qs), rms_eps)?,
+                fast::rms_norm(&k, Some(ks), rms_eps)?,
+            ),
+            _ => (
+                fast::rms_norm(&q, None, rms_eps)?.multiply(scalar(inv * inv, q.dtype())?)?,
+                fast::rms_norm(&k, None, rms_eps)?.multiply(scalar(inv, k.dtype())?)?,
+            ),
+        };
 
         let beta = ops::sigmoid(&beta_in)?;
         let g = fused::decay(self.A_log.as_ref(), &a, self.dt_bias.as_ref())?;
+
+        let state = match cache.state.take() {
+            Some(st) => st,
+            None => ops::zeros_dtype(&[b, hv, dv, dk], Dtype::Float32)?,
+        };
+        if s == 1 && hv % hk == 0 {
+            // One step: value heads grouped under their key head, so q and k broadcast
+            // instead of being repeated.
+            let r = hv / hk;
+            let (y, state) = fused::delta_step(
+                &q.reshape(&[b, hk, 1, dk])?,
+                &k.reshape(&[b, hk, 1, dk])?,
+                &v.reshape(&[b, hk, r, dv])?,
+                &g.reshape(&[b, hk, r])?,
+                &beta.reshape(&[b, hk, r])?,
+                &state.reshape(&[b, hk, r, dv, dk])?,
+            )?;
+            cache.state = Some(state.reshape(&[b, hv, dv, dk])?);
+            let out = self.norm.forward(&y.reshape(&[b, 1, hv, dv])?, &z)?;
+            return self.out_proj.forward(&out.reshape(&[b, 1, hv * dv])?);
+        }
 
         let (q, k) = if hv > hk {
             let r = hv / hk;
@@ -150,10 +218,6 @@ impl GatedDeltaNet {
             (q, k)
         };
 
-        let state = match cache.state.take() {
-            Some(st) => st,
-            None => ops::zeros_dtype(&[b, hv, dv, dk], Dtype::Float32)?,
-        };
         let (out, state) = if s > 1 {
             delta_chunked(&q, &k, &v, &g, &beta, state)?
         } else {

@@ -83,6 +83,21 @@ impl LanguageModel {
         })
     }
 
+    /// Stacks the projections that read the same input into single matmuls (see
+    /// [`super::linear::Stacked`]); called once, after loading.
+    pub fn fuse_projections(&mut self) -> Result<(), Exception> {
+        for layer in &mut self.model.layers {
+            layer.fuse()?;
+        }
+        if let Some(head) = &mut self.lm_head {
+            head.guard_narrow()?;
+        }
+        // Views into the stacks replace the parts' own buffers, which are freed here.
+        use mlx_rs::module::ModuleParameters;
+        let params = self.parameters().flatten();
+        mlx_rs::transforms::eval(params.values().copied())
+    }
+
     pub fn new_cache(&self) -> Vec<LayerCache> {
         self.model
             .layers
@@ -108,10 +123,10 @@ impl LanguageModel {
         if cache.len() != self.model.layers.len() {
             return Err(Exception::custom("cache has the wrong number of layers"));
         }
-        let (cos, sin) = self.rope.cos_sin(positions, embeds.dtype())?;
+        let tables = self.rope.tables(positions, embeds.dtype())?;
         let mut h = embeds.clone();
         for (layer, c) in self.model.layers.iter().zip(cache.iter_mut()) {
-            h = layer.forward(&h, &self.rope, &cos, &sin, c)?;
+            h = layer.forward(&h, &self.rope, &tables, c)?;
         }
         if scope == LogitsScope::Last {
             let l = h.shape()[1];

@@ -3,6 +3,7 @@
 use mlx_rs::error::Exception;
 use mlx_rs::macros::ModuleParameters;
 use mlx_rs::module::Param;
+use mlx_rs::ops::indexing::IndexOp;
 use mlx_rs::{ops, Array};
 
 /// Group size and bits of an MLX affine-quantized tensor.
@@ -94,6 +95,204 @@ impl Linear {
         match self.bias.as_ref() {
             Some(b) => y.add(b),
             None => Ok(y),
+        }
+    }
+}
+
+/// Inputs narrower than this make MLX 0.32's CUDA quantized GEMM (`qmm_sm80`, three 64-wide
+/// k-tiles in flight whatever K is) read past the end of the weight buffers; where a buffer
+/// ends a mapping that is an illegal address (abort or hang). Seen under compute-sanitizer
+/// with K = 128, the benchmark's expert width; real Qwen3.5/3.6 layers are ≥ 512 wide.
+pub const QMM_MIN_IN_FEATURES: i32 = 192;
+
+/// `a` moved into a buffer one leading-axis slab longer (zeros), returned as a view of its
+/// original length: reads past the end then stay inside memory we own. Values are unchanged.
+pub(crate) fn with_tail_slack(a: &Array) -> Result<Array, Exception> {
+    let mut shape = a.shape().to_vec();
+    let n = shape[0];
+    shape[0] = 1;
+    let padded = ops::concatenate(&[a, &ops::zeros_dtype(&shape, a.dtype())?], 0)?;
+    let view = padded.index(..n);
+    view.eval()?;
+    Ok(view)
+}
+
+/// Puts slack after a quantized matrix (`weight`, `scales`, `biases`) narrower than
+/// [`QMM_MIN_IN_FEATURES`].
+pub(crate) fn guard_narrow_quantized(
+    quant: Option<QuantSpec>,
+    weight: &mut Param<Array>,
+    scales: &mut Param<Option<Array>>,
+    biases: &mut Param<Option<Array>>,
+) -> Result<(), Exception> {
+    let Some(q) = quant else { return Ok(()) };
+    let in_features = weight.shape()[weight.ndim() - 1] * 32 / q.bits;
+    if in_features >= QMM_MIN_IN_FEATURES {
+        return Ok(());
+    }
+    **weight = with_tail_slack(weight)?;
+    for p in [scales, biases] {
+        if let Some(a) = p.value.as_ref() {
+            p.value = Some(with_tail_slack(a)?);
+        }
+    }
+    Ok(())
+}
+
+impl Linear {
+    /// See [`QMM_MIN_IN_FEATURES`]; called once after loading.
+    pub fn guard_narrow(&mut self) -> Result<(), Exception> {
+        guard_narrow_quantized(
+            self.quant,
+            &mut self.weight,
+            &mut self.scales,
+            &mut self.biases,
+        )
+    }
+}
+
+/// Projections of one input stacked by output rows: one matmul where there were several (a
+/// decode step is bound by kernel launches, not arithmetic). Built once after loading; each
+/// part keeps its weights as a view into the stack, so memory is not doubled.
+#[derive(Debug, Clone)]
+pub struct Stacked {
+    pub linear: Linear,
+    /// Where each part ends along the output axis, except the last.
+    bounds: Vec<i32>,
+}
+
+/// Rows `[start, end)` of the output axis (the second to last) of `a`, as a view.
+pub(crate) fn rows(a: &Array, start: i32, end: i32) -> Result<Array, Exception> {
+    match a.ndim() {
+        2 => Ok(a.index((start..end, ..))),
+        3 => Ok(a.index((.., start..end, ..))),
+        n => Err(Exception::custom(format!(
+            "cannot split a {n}-D weight by rows"
+        ))),
+    }
+}
+
+/// Concatenates the `field` of every part along the output axis.
+fn stack_field(parts: &[&mut Linear], field: fn(&Linear) -> Option<&Array>) -> Option<Array> {
+    let arrays: Option<Vec<&Array>> = parts.iter().map(|p| field(p)).collect();
+    let arrays = arrays?;
+    let axis = arrays[0].ndim() as i32 - 2;
+    if axis < 0 {
+        // 1-D (a bias): concatenate along its only axis.
+        return ops::concatenate(&arrays, 0).ok();
+    }
+    ops::concatenate(&arrays, axis).ok()
+}
+
+impl Stacked {
+    /// Stacks `parts` that read the same input. `None` when they cannot share one matmul
+    /// (different quantization, or biases on some only); the parts are then left as they are.
+    pub fn new(mut parts: Vec<&mut Linear>) -> Result<Option<Self>, Exception> {
+        let quant = parts[0].quant;
+        let with_bias = parts[0].bias.is_some();
+        if parts
+            .iter()
+            .any(|p| p.quant != quant || p.bias.is_some() != with_bias)
+        {
+            for p in parts {
+                p.guard_narrow()?;
+            }
+            return Ok(None);
+        }
+        let outs: Vec<i32> = parts
+            .iter()
+            .map(|p| p.weight.as_ref().shape()[p.weight.as_ref().ndim() - 2])
+            .collect();
+        let mut stacked = Linear {
+            weight: Param::new(stack_field(&parts, |p| Some(p.weight.as_ref())).expect("weights")),
+            bias: Param::new(stack_field(&parts, |p| p.bias.value.as_ref())),
+            scales: Param::new(stack_field(&parts, |p| p.scales.value.as_ref())),
+            biases: Param::new(stack_field(&parts, |p| p.biases.value.as_ref())),
+            quant,
+        };
+        let stacked_arrays: Vec<&Array> = [
+            Some(stacked.weight.as_ref()),
+            stacked.bias.value.as_ref(),
+            stacked.scales.value.as_ref(),
+            stacked.biases.value.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        mlx_rs::transforms::eval(stacked_arrays)?;
+        stacked.guard_narrow()?;
+        let mut start = 0;
+        for (part, &out) in parts.iter_mut().zip(&outs) {
+            let end = start + out;
+            *part.weight = rows(&stacked.weight, start, end)?;
+            if let Some(b) = stacked.bias.value.as_ref() {
+                *part.bias = Some(b.index(start..end));
+            }
+            if let Some(s) = stacked.scales.value.as_ref() {
+                *part.scales = Some(rows(s, start, end)?);
+            }
+            if let Some(b) = stacked.biases.value.as_ref() {
+                *part.biases = Some(rows(b, start, end)?);
+            }
+            start = end;
+        }
+        let bounds = outs[..outs.len() - 1]
+            .iter()
+            .scan(0, |acc, &o| {
+                *acc += o;
+                Some(*acc)
+            })
+            .collect();
+        Ok(Some(Self {
+            linear: stacked,
+            bounds,
+        }))
+    }
+
+    /// One output per part, in order (views of the stacked output).
+    pub fn forward(&self, x: &Array) -> Result<Vec<Array>, Exception> {
+        self.linear.forward(x)?.split_at_indices(&self.bounds, -1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mlx_rs::{random, Dtype};
+
+    fn quantized(out: i32, inp: i32) -> Linear {
+        let key = random::key(5).unwrap();
+        let w = random::normal::<f32>(&[out, inp], None, None, Some(&key))
+            .unwrap()
+            .as_dtype(Dtype::Bfloat16)
+            .unwrap();
+        let (wq, s, b) = ops::quantize(&w, 64, 4).unwrap();
+        Linear {
+            weight: Param::new(wq),
+            bias: Param::new(None),
+            scales: Param::new(Some(s)),
+            biases: Param::new(Some(b)),
+            quant: Some(QuantSpec {
+                group_size: 64,
+                bits: 4,
+            }),
+        }
+    }
+
+    #[test]
+    fn narrow_quantized_layers_get_slack_without_changing_a_value() {
+        for inp in [128, 512] {
+            let mut layer = quantized(96, inp);
+            let x = random::normal::<f32>(&[1, 7, inp], None, None, None)
+                .unwrap()
+                .as_dtype(Dtype::Bfloat16)
+                .unwrap();
+            let before = layer.forward(&x).unwrap();
+            let weight = layer.weight.as_ref().clone();
+            layer.guard_narrow().unwrap();
+            assert_eq!(layer.weight.shape(), weight.shape());
+            assert!(layer.weight.eq_values(&weight).unwrap());
+            assert!(layer.forward(&x).unwrap().eq_values(&before).unwrap());
         }
     }
 }

@@ -5,7 +5,7 @@ use mlx_rs::macros::ModuleParameters;
 use mlx_rs::Array;
 
 use super::fused;
-use super::linear::{Linear, QuantLookup};
+use super::linear::{Linear, QuantLookup, Stacked};
 
 #[derive(Debug, Clone, ModuleParameters)]
 pub struct Mlp {
@@ -15,6 +15,8 @@ pub struct Mlp {
     pub up_proj: Linear,
     #[param]
     pub down_proj: Linear,
+    /// gate | up as one matmul, once [`Mlp::fuse`] has run.
+    pub gate_up: Option<Stacked>,
 }
 
 impl Mlp {
@@ -23,11 +25,24 @@ impl Mlp {
             gate_proj: Linear::new(&format!("{path}.gate_proj"), dim, hidden, false, quant),
             up_proj: Linear::new(&format!("{path}.up_proj"), dim, hidden, false, quant),
             down_proj: Linear::new(&format!("{path}.down_proj"), hidden, dim, false, quant),
+            gate_up: None,
         }
     }
 
+    /// Stacks the gate and up projections (after loading).
+    pub fn fuse(&mut self) -> Result<(), Exception> {
+        self.gate_up = Stacked::new(vec![&mut self.gate_proj, &mut self.up_proj])?;
+        self.down_proj.guard_narrow()
+    }
+
     pub fn forward(&self, x: &Array) -> Result<Array, Exception> {
-        let h = fused::swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
+        let h = match &self.gate_up {
+            Some(stacked) => {
+                let p = stacked.forward(x)?;
+                fused::swiglu(&p[0], &p[1])?
+            }
+            None => fused::swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?,
+        };
         self.down_proj.forward(&h)
     }
 }

@@ -1,6 +1,9 @@
 //! Sparse MoE block: softmax router, top-k experts renormalised, SwiGLU experts through
 //! gather_mm / gather_qmm (tokens sorted by expert when there are many), plus one shared expert
 //! scaled by σ(shared_expert_gate(x)).
+//!
+//! The renormalised top-k of a softmax is the softmax of the top-k logits, so the router
+//! takes the k largest logits and normalises only those.
 use mlx_rs::error::Exception;
 use mlx_rs::macros::ModuleParameters;
 use mlx_rs::module::Param;
@@ -8,7 +11,10 @@ use mlx_rs::ops::indexing::{take_along_axis, IndexOp};
 use mlx_rs::{ops, Array, Dtype};
 
 use super::fused;
-use super::linear::{placeholder, quantized_shapes, Linear, QuantLookup, QuantSpec};
+use super::linear::{
+    guard_narrow_quantized, placeholder, quantized_shapes, rows, Linear, QuantLookup, QuantSpec,
+    Stacked,
+};
 use super::mlp::Mlp;
 use crate::config::TextConfig;
 
@@ -58,6 +64,73 @@ impl SwitchLinear {
         }
     }
 
+    /// See [`super::linear::QMM_MIN_IN_FEATURES`]; called once after loading.
+    pub fn guard_narrow(&mut self) -> Result<(), Exception> {
+        guard_narrow_quantized(
+            self.quant,
+            &mut self.weight,
+            &mut self.scales,
+            &mut self.biases,
+        )
+    }
+
+    /// `gate` and `up` stacked by output rows, each left as a view into the stack.
+    pub fn stack(
+        gate: &mut SwitchLinear,
+        up: &mut SwitchLinear,
+    ) -> Result<Option<Self>, Exception> {
+        if gate.quant != up.quant {
+            gate.guard_narrow()?;
+            up.guard_narrow()?;
+            return Ok(None);
+        }
+        let cat = |a: &Array, b: &Array| ops::concatenate(&[a, b], -2);
+        let weight = cat(&gate.weight, &up.weight)?;
+        let (scales, biases) = match (
+            gate.scales.value.as_ref(),
+            up.scales.value.as_ref(),
+            gate.biases.value.as_ref(),
+            up.biases.value.as_ref(),
+        ) {
+            (Some(gs), Some(us), gb, ub) => (
+                Some(cat(gs, us)?),
+                match (gb, ub) {
+                    (Some(gb), Some(ub)) => Some(cat(gb, ub)?),
+                    _ => None,
+                },
+            ),
+            _ => (None, None),
+        };
+        let mut stacked = SwitchLinear {
+            weight: Param::new(weight),
+            scales: Param::new(scales),
+            biases: Param::new(biases),
+            quant: gate.quant,
+        };
+        let all: Vec<&Array> = [
+            Some(stacked.weight.as_ref()),
+            stacked.scales.value.as_ref(),
+            stacked.biases.value.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        mlx_rs::transforms::eval(all)?;
+        stacked.guard_narrow()?;
+        let out = gate.weight.shape()[1];
+        let total = stacked.weight.shape()[1];
+        for (part, (start, end)) in [(gate, (0, out)), (up, (out, total))] {
+            *part.weight = rows(&stacked.weight, start, end)?;
+            if let Some(s) = stacked.scales.value.as_ref() {
+                *part.scales = Some(rows(s, start, end)?);
+            }
+            if let Some(b) = stacked.biases.value.as_ref() {
+                *part.biases = Some(rows(b, start, end)?);
+            }
+        }
+        Ok(Some(stacked))
+    }
+
     /// `x` `[..., 1, in]`, `idx` expert per row → `[..., 1, out]`.
     pub fn forward(&self, x: &Array, idx: &Array, sorted: bool) -> Result<Array, Exception> {
         match (self.quant, self.scales.as_ref()) {
@@ -101,6 +174,8 @@ pub struct SwitchGlu {
     pub up_proj: SwitchLinear,
     #[param]
     pub down_proj: SwitchLinear,
+    /// gate | up as one gather, once [`SwitchGlu::fuse`] has run.
+    pub gate_up: Option<SwitchLinear>,
 }
 
 impl SwitchGlu {
@@ -129,10 +204,26 @@ impl SwitchGlu {
         }
     }
 
+    /// Stacks the experts' gate and up projections (after loading).
+    pub fn fuse(&mut self) -> Result<(), Exception> {
+        self.gate_up = SwitchLinear::stack(&mut self.gate_proj, &mut self.up_proj)?;
+        self.down_proj.guard_narrow()
+    }
+
     fn glu(&self, x: &Array, idx: &Array, sorted: bool) -> Result<Array, Exception> {
-        let up = self.up_proj.forward(x, idx, sorted)?;
-        let gate = self.gate_proj.forward(x, idx, sorted)?;
-        let h = fused::swiglu(&gate, &up)?;
+        let h = match &self.gate_up {
+            Some(stacked) => {
+                let gu = stacked.forward(x, idx, sorted)?;
+                let half = gu.shape()[gu.ndim() - 1] / 2;
+                let parts = gu.split_at_indices(&[half], -1)?;
+                fused::swiglu(&parts[0], &parts[1])?
+            }
+            None => {
+                let up = self.up_proj.forward(x, idx, sorted)?;
+                let gate = self.gate_proj.forward(x, idx, sorted)?;
+                fused::swiglu(&gate, &up)?
+            }
+        };
         self.down_proj.forward(&h, idx, sorted)
     }
 }
@@ -149,6 +240,8 @@ pub struct SparseMoeBlock {
     pub shared_expert_gate: Linear,
     pub top_k: i32,
     pub num_experts: i32,
+    /// Router | shared-expert gate as one matmul, once [`SparseMoeBlock::fuse`] has run.
+    pub router: Option<Stacked>,
 }
 
 impl SparseMoeBlock {
@@ -165,6 +258,7 @@ impl SparseMoeBlock {
                 gate_proj: sw("gate_proj", h, mi),
                 up_proj: sw("up_proj", h, mi),
                 down_proj: sw("down_proj", mi, h),
+                gate_up: None,
             },
             shared_expert: Mlp::new(&format!("{path}.shared_expert"), h, si, quant),
             shared_expert_gate: Linear::new(
@@ -176,12 +270,28 @@ impl SparseMoeBlock {
             ),
             top_k: cfg.num_experts_per_tok.unwrap_or(1) as i32,
             num_experts: e as i32,
+            router: None,
         }
     }
 
+    /// Stacks what reads the same input: router with shared-expert gate, and each SwiGLU's
+    /// gate with its up projection (after loading).
+    pub fn fuse(&mut self) -> Result<(), Exception> {
+        self.router = Stacked::new(vec![&mut self.gate, &mut self.shared_expert_gate])?;
+        self.shared_expert.fuse()?;
+        self.switch_mlp.fuse()
+    }
+
     pub fn forward(&self, x: &Array) -> Result<Array, Exception> {
-        let gates = ops::softmax_axis(self.gate.forward(x)?, -1, true)?;
+        let (logits, shared_gate) = match &self.router {
+            Some(stacked) => {
+                let mut p = stacked.forward(x)?.into_iter();
+                (p.next().expect("router"), p.next().expect("shared gate"))
+            }
+            None => (self.gate.forward(x)?, self.shared_expert_gate.forward(x)?),
+        };
         let k = self.top_k;
+        let gates = ops::softmax_axis(&logits, -1, true)?;
         let inds = ops::argpartition_axis(&gates, self.num_experts - k, -1)?;
         let inds = inds.index((.., .., (self.num_experts - k)..));
         let scores = take_along_axis(&gates, &inds, -1)?;
@@ -189,7 +299,6 @@ impl SparseMoeBlock {
         let y = self.switch_mlp.forward(x, &inds)?;
         let y = y.multiply(scores.expand_dims(-1)?)?.sum_axis(-2, None)?;
         let shared = self.shared_expert.forward(x)?;
-        let shared = fused::sigmoid_gate(&shared, &self.shared_expert_gate.forward(x)?)?;
-        y.add(shared)
+        fused::gated_add(&y, &shared, &shared_gate)
     }
 }
