@@ -153,7 +153,9 @@ pub fn decay_eager(a_log: &Array, a: &Array, dt_bias: &Array) -> Result<Array, E
 }
 
 /// One DeltaNet recurrence step (decode). q, k `[B, H, Dk]`, v `[B, H, Dv]`, g, β `[B, H]`,
-/// state `[B, H, Dv, Dk]` → (output `[B, H, Dv]` in q's dtype, next state).
+/// state `[B, H, Dv, Dk]` → (output `[B, H, Dv]` in q's dtype, next state). Leading axes
+/// broadcast: q, k `[B, Hk, 1, Dk]` against v `[B, Hk, r, Dv]` and state `[B, Hk, r, Dv, Dk]`
+/// shares each key head among its r value heads without copying it.
 pub fn delta_step(
     q: &Array,
     k: &Array,

@@ -172,16 +172,55 @@ pub(crate) fn rows(a: &Array, start: i32, end: i32) -> Result<Array, Exception> 
     }
 }
 
-/// Concatenates the `field` of every part along the output axis.
-fn stack_field(parts: &[&mut Linear], field: fn(&Linear) -> Option<&Array>) -> Option<Array> {
-    let arrays: Option<Vec<&Array>> = parts.iter().map(|p| field(p)).collect();
-    let arrays = arrays?;
-    let axis = arrays[0].ndim() as i32 - 2;
-    if axis < 0 {
-        // 1-D (a bias): concatenate along its only axis.
-        return ops::concatenate(&arrays, 0).ok();
+/// The arrays of one matrix as MLX stores it: `weight`, plus `scales` and `biases` when quantized.
+pub(crate) type MatrixParams<'a> = (
+    &'a mut Param<Array>,
+    &'a mut Param<Option<Array>>,
+    &'a mut Param<Option<Array>>,
+);
+
+/// The stack of several matrices: `(weight, scales, biases)`.
+pub(crate) type StackedMatrix = (Param<Array>, Param<Option<Array>>, Param<Option<Array>>);
+
+/// Concatenates matrices (all quantized with `quant`, or none) by output rows into one
+/// evaluated buffer, with slack when narrow (see [`QMM_MIN_IN_FEATURES`]), and leaves each
+/// part as a view of its rows. Returns the stack and each part's row range.
+pub(crate) fn stack_rows(
+    parts: &mut [MatrixParams],
+    quant: Option<QuantSpec>,
+) -> Result<(StackedMatrix, Vec<(i32, i32)>), Exception> {
+    let cat = |field: for<'p> fn(&'p MatrixParams<'_>) -> Option<&'p Array>| -> Result<Option<Array>, Exception> {
+        let arrays: Option<Vec<&Array>> = parts.iter().map(field).collect();
+        arrays.map(|a| ops::concatenate(&a, -2)).transpose()
+    };
+    let mut weight = Param::new(cat(|p| Some(&p.0.value))?.expect("every part has a weight"));
+    let mut scales = Param::new(cat(|p| p.1.value.as_ref())?);
+    let mut biases = Param::new(cat(|p| p.2.value.as_ref())?);
+    let all: Vec<&Array> = [
+        Some(&weight.value),
+        scales.value.as_ref(),
+        biases.value.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    mlx_rs::transforms::eval(all)?;
+    guard_narrow_quantized(quant, &mut weight, &mut scales, &mut biases)?;
+    let mut ranges = Vec::with_capacity(parts.len());
+    let mut start = 0;
+    for (w, s, b) in parts.iter_mut() {
+        let end = start + w.shape()[w.ndim() - 2];
+        w.value = rows(&weight, start, end)?;
+        if let Some(stacked) = scales.value.as_ref() {
+            s.value = Some(rows(stacked, start, end)?);
+        }
+        if let Some(stacked) = biases.value.as_ref() {
+            b.value = Some(rows(stacked, start, end)?);
+        }
+        ranges.push((start, end));
+        start = end;
     }
-    ops::concatenate(&arrays, axis).ok()
+    Ok(((weight, scales, biases), ranges))
 }
 
 impl Stacked {
@@ -199,52 +238,31 @@ impl Stacked {
             }
             return Ok(None);
         }
-        let outs: Vec<i32> = parts
-            .iter()
-            .map(|p| p.weight.as_ref().shape()[p.weight.as_ref().ndim() - 2])
+        let mut matrices: Vec<MatrixParams> = parts
+            .iter_mut()
+            .map(|p| (&mut p.weight, &mut p.scales, &mut p.biases))
             .collect();
-        let mut stacked = Linear {
-            weight: Param::new(stack_field(&parts, |p| Some(p.weight.as_ref())).expect("weights")),
-            bias: Param::new(stack_field(&parts, |p| p.bias.value.as_ref())),
-            scales: Param::new(stack_field(&parts, |p| p.scales.value.as_ref())),
-            biases: Param::new(stack_field(&parts, |p| p.biases.value.as_ref())),
-            quant,
+        let ((weight, scales, biases), ranges) = stack_rows(&mut matrices, quant)?;
+        let bias = if with_bias {
+            let all: Vec<&Array> = parts.iter().filter_map(|p| p.bias.value.as_ref()).collect();
+            let stacked = ops::concatenate(&all, 0)?;
+            stacked.eval()?;
+            for (p, &(start, end)) in parts.iter_mut().zip(&ranges) {
+                p.bias.value = Some(stacked.index(start..end));
+            }
+            Some(stacked)
+        } else {
+            None
         };
-        let stacked_arrays: Vec<&Array> = [
-            Some(stacked.weight.as_ref()),
-            stacked.bias.value.as_ref(),
-            stacked.scales.value.as_ref(),
-            stacked.biases.value.as_ref(),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        mlx_rs::transforms::eval(stacked_arrays)?;
-        stacked.guard_narrow()?;
-        let mut start = 0;
-        for (part, &out) in parts.iter_mut().zip(&outs) {
-            let end = start + out;
-            *part.weight = rows(&stacked.weight, start, end)?;
-            if let Some(b) = stacked.bias.value.as_ref() {
-                *part.bias = Some(b.index(start..end));
-            }
-            if let Some(s) = stacked.scales.value.as_ref() {
-                *part.scales = Some(rows(s, start, end)?);
-            }
-            if let Some(b) = stacked.biases.value.as_ref() {
-                *part.biases = Some(rows(b, start, end)?);
-            }
-            start = end;
-        }
-        let bounds = outs[..outs.len() - 1]
-            .iter()
-            .scan(0, |acc, &o| {
-                *acc += o;
-                Some(*acc)
-            })
-            .collect();
+        let bounds = ranges[..ranges.len() - 1].iter().map(|r| r.1).collect();
         Ok(Some(Self {
-            linear: stacked,
+            linear: Linear {
+                weight,
+                bias: Param::new(bias),
+                scales,
+                biases,
+                quant,
+            },
             bounds,
         }))
     }

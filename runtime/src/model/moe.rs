@@ -12,8 +12,8 @@ use mlx_rs::{ops, Array, Dtype};
 
 use super::fused;
 use super::linear::{
-    guard_narrow_quantized, placeholder, quantized_shapes, rows, Linear, QuantLookup, QuantSpec,
-    Stacked,
+    guard_narrow_quantized, placeholder, quantized_shapes, stack_rows, Linear, QuantLookup,
+    QuantSpec, Stacked,
 };
 use super::mlp::Mlp;
 use crate::config::TextConfig;
@@ -84,51 +84,19 @@ impl SwitchLinear {
             up.guard_narrow()?;
             return Ok(None);
         }
-        let cat = |a: &Array, b: &Array| ops::concatenate(&[a, b], -2);
-        let weight = cat(&gate.weight, &up.weight)?;
-        let (scales, biases) = match (
-            gate.scales.value.as_ref(),
-            up.scales.value.as_ref(),
-            gate.biases.value.as_ref(),
-            up.biases.value.as_ref(),
-        ) {
-            (Some(gs), Some(us), gb, ub) => (
-                Some(cat(gs, us)?),
-                match (gb, ub) {
-                    (Some(gb), Some(ub)) => Some(cat(gb, ub)?),
-                    _ => None,
-                },
-            ),
-            _ => (None, None),
-        };
-        let mut stacked = SwitchLinear {
-            weight: Param::new(weight),
-            scales: Param::new(scales),
-            biases: Param::new(biases),
+        let ((weight, scales, biases), _) = stack_rows(
+            &mut [
+                (&mut gate.weight, &mut gate.scales, &mut gate.biases),
+                (&mut up.weight, &mut up.scales, &mut up.biases),
+            ],
+            gate.quant,
+        )?;
+        Ok(Some(SwitchLinear {
+            weight,
+            scales,
+            biases,
             quant: gate.quant,
-        };
-        let all: Vec<&Array> = [
-            Some(stacked.weight.as_ref()),
-            stacked.scales.value.as_ref(),
-            stacked.biases.value.as_ref(),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        mlx_rs::transforms::eval(all)?;
-        stacked.guard_narrow()?;
-        let out = gate.weight.shape()[1];
-        let total = stacked.weight.shape()[1];
-        for (part, (start, end)) in [(gate, (0, out)), (up, (out, total))] {
-            *part.weight = rows(&stacked.weight, start, end)?;
-            if let Some(s) = stacked.scales.value.as_ref() {
-                *part.scales = Some(rows(s, start, end)?);
-            }
-            if let Some(b) = stacked.biases.value.as_ref() {
-                *part.biases = Some(rows(b, start, end)?);
-            }
-        }
-        Ok(Some(stacked))
+        }))
     }
 
     /// `x` `[..., 1, in]`, `idx` expert per row → `[..., 1, out]`.
