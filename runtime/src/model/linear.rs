@@ -82,7 +82,12 @@ impl Linear {
         }
         let y = match (self.quant, self.scales.as_ref()) {
             (Some(q), Some(scales)) => ops::quantized_matmul(
-                x,
+                // One row goes through the matrix-vector kernel, which stays in bounds.
+                &if x.size() as i32 > x.dim(-1) && is_narrow(self.quant, &self.weight) {
+                    tail_slack(x)?
+                } else {
+                    x.clone()
+                },
                 self.weight.as_ref(),
                 scales,
                 self.biases.as_ref(),
@@ -100,21 +105,35 @@ impl Linear {
 }
 
 /// Inputs narrower than this make MLX 0.32's CUDA quantized GEMM (`qmm_sm80`, three 64-wide
-/// k-tiles in flight whatever K is) read past the end of the weight buffers; where a buffer
-/// ends a mapping that is an illegal address (abort or hang). Seen under compute-sanitizer
-/// with K = 128, the benchmark's expert width; real Qwen3.5/3.6 layers are ≥ 512 wide.
+/// k-tiles in flight whatever K is) read past the end of the weight buffer and of the input
+/// rows; where a buffer ends a mapping that is an illegal address (abort or hang). Seen under
+/// compute-sanitizer with K = 128, the benchmark's expert width; real Qwen3.5/3.6 layers are
+/// ≥ 512 wide and never pay for the slack.
 pub const QMM_MIN_IN_FEATURES: i32 = 192;
 
-/// `a` moved into a buffer one leading-axis slab longer (zeros), returned as a view of its
-/// original length: reads past the end then stay inside memory we own. Values are unchanged.
-pub(crate) fn with_tail_slack(a: &Array) -> Result<Array, Exception> {
+/// `a` moved into a buffer one leading-axis slab longer (zeros), returned (lazily) as a view
+/// of its original length: reads past the end then stay inside memory we own. Values are
+/// unchanged.
+pub(crate) fn tail_slack(a: &Array) -> Result<Array, Exception> {
     let mut shape = a.shape().to_vec();
     let n = shape[0];
     shape[0] = 1;
     let padded = ops::concatenate(&[a, &ops::zeros_dtype(&shape, a.dtype())?], 0)?;
-    let view = padded.index(..n);
+    Ok(padded.index(..n))
+}
+
+/// [`tail_slack`], evaluated (for weights, once after loading).
+pub(crate) fn with_tail_slack(a: &Array) -> Result<Array, Exception> {
+    let view = tail_slack(a)?;
     view.eval()?;
     Ok(view)
+}
+
+/// Whether a quantized matrix (packed `weight`) is narrower than [`QMM_MIN_IN_FEATURES`]. Its
+/// GEMM then also reads past the end of the *input* rows (by up to one k-tile), so inputs get
+/// [`tail_slack`] too: a copy, but only in layers this narrow.
+pub(crate) fn is_narrow(quant: Option<QuantSpec>, weight: &Array) -> bool {
+    quant.is_some_and(|q| weight.shape()[weight.ndim() - 1] * 32 / q.bits < QMM_MIN_IN_FEATURES)
 }
 
 /// Puts slack after a quantized matrix (`weight`, `scales`, `biases`) narrower than
@@ -125,9 +144,7 @@ pub(crate) fn guard_narrow_quantized(
     scales: &mut Param<Option<Array>>,
     biases: &mut Param<Option<Array>>,
 ) -> Result<(), Exception> {
-    let Some(q) = quant else { return Ok(()) };
-    let in_features = weight.shape()[weight.ndim() - 1] * 32 / q.bits;
-    if in_features >= QMM_MIN_IN_FEATURES {
+    if !is_narrow(quant, weight) {
         return Ok(());
     }
     **weight = with_tail_slack(weight)?;

@@ -12,8 +12,8 @@ use mlx_rs::{ops, Array, Dtype};
 
 use super::fused;
 use super::linear::{
-    guard_narrow_quantized, placeholder, quantized_shapes, stack_rows, Linear, QuantLookup,
-    QuantSpec, Stacked,
+    guard_narrow_quantized, is_narrow, placeholder, quantized_shapes, stack_rows, tail_slack,
+    Linear, QuantLookup, QuantSpec, Stacked,
 };
 use super::mlp::Mlp;
 use crate::config::TextConfig;
@@ -103,7 +103,11 @@ impl SwitchLinear {
     pub fn forward(&self, x: &Array, idx: &Array, sorted: bool) -> Result<Array, Exception> {
         match (self.quant, self.scales.as_ref()) {
             (Some(q), Some(s)) => ops::gather_qmm(
-                x,
+                &if is_narrow(self.quant, &self.weight) {
+                    tail_slack(x)?
+                } else {
+                    x.clone()
+                },
                 self.weight.as_ref(),
                 s,
                 self.biases.as_ref(),
