@@ -4,7 +4,9 @@ use mlx_rs::macros::ModuleParameters;
 use mlx_rs::module::Param;
 use mlx_rs::{ops, Array};
 
-use super::linear::{placeholder, quantized_shapes, QuantLookup, QuantSpec};
+use super::linear::{
+    gemm_input, guard_narrow_quantized, placeholder, quantized_shapes, QuantLookup, QuantSpec,
+};
 
 #[derive(Debug, Clone, ModuleParameters)]
 pub struct Embedding {
@@ -55,11 +57,21 @@ impl Embedding {
         }
     }
 
+    /// See [`super::linear::QMM_MIN_IN_FEATURES`] (a tied head is a quantized matmul too).
+    pub fn guard_narrow(&mut self) -> Result<(), Exception> {
+        guard_narrow_quantized(
+            self.quant,
+            &mut self.weight,
+            &mut self.scales,
+            &mut self.biases,
+        )
+    }
+
     /// `x · Eᵀ` (tied lm_head).
     pub fn as_linear(&self, x: &Array) -> Result<Array, Exception> {
         match (self.quant, self.scales.as_ref()) {
             (Some(q), Some(s)) => ops::quantized_matmul(
-                x,
+                &gemm_input(x, self.quant, &self.weight)?,
                 self.weight.as_ref(),
                 s,
                 self.biases.as_ref(),

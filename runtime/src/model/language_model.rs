@@ -84,13 +84,15 @@ impl LanguageModel {
     }
 
     /// Stacks the projections that read the same input into single matmuls (see
-    /// [`super::linear::Stacked`]); called once, after loading.
+    /// [`super::linear::Stacked`]) and gives narrow quantized matrices slack (see
+    /// [`super::linear::QMM_MIN_IN_FEATURES`]); called once, after loading.
     pub fn fuse_projections(&mut self) -> Result<(), Exception> {
         for layer in &mut self.model.layers {
             layer.fuse()?;
         }
-        if let Some(head) = &mut self.lm_head {
-            head.guard_narrow()?;
+        match &mut self.lm_head {
+            Some(head) => head.guard_narrow()?,
+            None => self.model.embed_tokens.guard_narrow()?,
         }
         // Views into the stacks replace the parts' own buffers, which are freed here.
         use mlx_rs::module::ModuleParameters;

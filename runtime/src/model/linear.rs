@@ -82,12 +82,7 @@ impl Linear {
         }
         let y = match (self.quant, self.scales.as_ref()) {
             (Some(q), Some(scales)) => ops::quantized_matmul(
-                // One row goes through the matrix-vector kernel, which stays in bounds.
-                &if x.size() as i32 > x.dim(-1) && is_narrow(self.quant, &self.weight) {
-                    tail_slack(x)?
-                } else {
-                    x.clone()
-                },
+                &gemm_input(x, self.quant, &self.weight)?,
                 self.weight.as_ref(),
                 scales,
                 self.biases.as_ref(),
@@ -134,6 +129,21 @@ pub(crate) fn with_tail_slack(a: &Array) -> Result<Array, Exception> {
 /// [`tail_slack`] too: a copy, but only in layers this narrow.
 pub(crate) fn is_narrow(quant: Option<QuantSpec>, weight: &Array) -> bool {
     quant.is_some_and(|q| weight.shape()[weight.ndim() - 1] * 32 / q.bits < QMM_MIN_IN_FEATURES)
+}
+
+/// `x` as a quantized matmul against `weight` should read it: with [`tail_slack`] when the
+/// matrix is narrow and `x` has several rows (one row goes through the matrix-vector kernel,
+/// which stays in bounds).
+pub(crate) fn gemm_input(
+    x: &Array,
+    quant: Option<QuantSpec>,
+    weight: &Array,
+) -> Result<Array, Exception> {
+    if x.size() as i32 > x.dim(-1) && is_narrow(quant, weight) {
+        tail_slack(x)
+    } else {
+        Ok(x.clone())
+    }
 }
 
 /// Puts slack after a quantized matrix (`weight`, `scales`, `biases`) narrower than
@@ -196,6 +206,9 @@ pub(crate) type MatrixParams<'a> = (
     &'a mut Param<Option<Array>>,
 );
 
+/// Picks one array of a [`MatrixParams`] (absent for an unquantized matrix's scales).
+type Getter = for<'p> fn(&'p MatrixParams<'_>) -> Option<&'p Array>;
+
 /// The stack of several matrices: `(weight, scales, biases)`.
 pub(crate) type StackedMatrix = (Param<Array>, Param<Option<Array>>, Param<Option<Array>>);
 
@@ -206,7 +219,7 @@ pub(crate) fn stack_rows(
     parts: &mut [MatrixParams],
     quant: Option<QuantSpec>,
 ) -> Result<(StackedMatrix, Vec<(i32, i32)>), Exception> {
-    let cat = |field: for<'p> fn(&'p MatrixParams<'_>) -> Option<&'p Array>| -> Result<Option<Array>, Exception> {
+    let cat = |field: Getter| -> Result<Option<Array>, Exception> {
         let arrays: Option<Vec<&Array>> = parts.iter().map(field).collect();
         arrays.map(|a| ops::concatenate(&a, -2)).transpose()
     };

@@ -2,8 +2,10 @@
 //! gather_mm / gather_qmm (tokens sorted by expert when there are many), plus one shared expert
 //! scaled by σ(shared_expert_gate(x)).
 //!
-//! The renormalised top-k of a softmax is the softmax of the top-k logits, so the router
-//! takes the k largest logits and normalises only those.
+//! The routing keeps the reference's order of operations (softmax over all experts, top-k,
+//! renormalise; weighted sum as multiply then sum). Shorter forms exist (a softmax of the
+//! top-k logits, one batched matmul for the mix), but in bf16 they round differently and
+//! moved greedy agreement with mlx-vlm below 99 %.
 use mlx_rs::error::Exception;
 use mlx_rs::macros::ModuleParameters;
 use mlx_rs::module::Param;
@@ -103,6 +105,7 @@ impl SwitchLinear {
     pub fn forward(&self, x: &Array, idx: &Array, sorted: bool) -> Result<Array, Exception> {
         match (self.quant, self.scales.as_ref()) {
             (Some(q), Some(s)) => ops::gather_qmm(
+                // Expert gathers take the GEMM path even for one token.
                 &if is_narrow(self.quant, &self.weight) {
                     tail_slack(x)?
                 } else {
