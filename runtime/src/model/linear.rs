@@ -327,6 +327,43 @@ mod tests {
         }
     }
 
+    fn dense(out: i32, inp: i32, bias: bool, seed: u64) -> Linear {
+        let key = random::key(seed).unwrap();
+        let w = random::normal::<f32>(&[out, inp], None, None, Some(&key)).unwrap();
+        Linear {
+            weight: Param::new(w),
+            bias: Param::new(bias.then(|| {
+                random::normal::<f32>(&[out], None, None, Some(&random::key(seed + 1).unwrap()))
+                    .unwrap()
+            })),
+            scales: Param::new(None),
+            biases: Param::new(None),
+            quant: None,
+        }
+    }
+
+    #[test]
+    fn stacked_parts_with_biases_give_each_part_its_own_output() {
+        let x = random::normal::<f32>(&[2, 3, 16], None, None, None).unwrap();
+        let (mut a, mut b) = (dense(5, 16, true, 1), dense(7, 16, true, 3));
+        let expected = [a.forward(&x).unwrap(), b.forward(&x).unwrap()];
+        let stacked = Stacked::new(vec![&mut a, &mut b])
+            .unwrap()
+            .expect("stackable");
+        let got = stacked.forward(&x).unwrap();
+        assert_eq!(got.len(), 2);
+        for (g, e) in got.iter().zip(&expected) {
+            assert_eq!(g.shape(), e.shape());
+            let d = g.subtract(e).unwrap().abs().unwrap().max(None).unwrap();
+            assert!(d.item_exact::<f32>() < 1e-5);
+        }
+        // The parts are views into the stack and still compute what they did.
+        assert!(a.forward(&x).unwrap().eq_values(&expected[0]).unwrap());
+        // Biases on some parts only: left unstacked.
+        let (mut c, mut d) = (dense(4, 16, true, 5), dense(4, 16, false, 7));
+        assert!(Stacked::new(vec![&mut c, &mut d]).unwrap().is_none());
+    }
+
     #[test]
     fn narrow_quantized_layers_get_slack_without_changing_a_value() {
         for inp in [128, 512] {
