@@ -1,4 +1,4 @@
-//! `cathedralctl certs init`, `killswitch`, `backups`, `plist show|lint` and `status`
+//! `cathedralctl certs init|issue`, `killswitch`, `backups`, `plist show|lint` and `status`
 //! without a GUI session, through the real binary.
 
 mod common;
@@ -47,6 +47,41 @@ fn certs_init_writes_a_ca_server_and_clients_with_private_keys_0600() {
         .output()
         .unwrap();
     assert!(!again.status.success());
+
+    // More clients from the same CA, without a rotation; re-issuing needs --replace.
+    let issue = |extra: &[&str]| {
+        sb.ctl(&["certs", "issue", "--dir"])
+            .arg(sb.path("certs"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let ca = std::fs::read(sb.path("certs/ca.pem")).unwrap();
+    let added = issue(&["--client", "laptop"]);
+    assert!(added.status.success(), "{}", stderr(&added));
+    assert!(stdout(&added).contains("clients/laptop.pem"));
+    assert_eq!(mode(&sb.path("certs/clients/laptop.key")), 0o600);
+    assert_eq!(std::fs::read(sb.path("certs/ca.pem")).unwrap(), ca);
+    let clash = issue(&["--client", "operator"]);
+    assert!(!clash.status.success());
+    assert!(stderr(&clash).contains("--replace"), "{}", stderr(&clash));
+    let replaced = issue(&["--client", "operator", "--replace"]);
+    assert!(replaced.status.success(), "{}", stderr(&replaced));
+    let kept = std::fs::read_dir(sb.path("certs/clients"))
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("operator.key.replaced-")
+        })
+        .count();
+    assert_eq!(kept, 1, "the replaced key is kept");
+    let nothing = issue(&[]);
+    assert!(
+        !nothing.status.success(),
+        "issue needs --client or --server-name"
+    );
 }
 
 #[test]

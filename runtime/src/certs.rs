@@ -427,6 +427,55 @@ impl CertDir {
         }
         Ok(ca)
     }
+
+    /// Issues more certificates from the CA already here: a server certificate for
+    /// `server_names` (when any are given) and one client certificate per identity, so that
+    /// adding a machine or a person needs no rotation. An existing certificate is replaced
+    /// only with `replace`, after its files are copied to `<file>.replaced-<UTC time>`.
+    /// Returns where each new certificate was written.
+    pub fn issue(
+        &self,
+        server_names: &[ServerName],
+        clients: &[Identity],
+        validity: Validity,
+        replace: bool,
+    ) -> Result<Vec<CertBundle>, CertError> {
+        let ca = CertAuthority::load(&self.ca())?;
+        let mut targets = Vec::new();
+        if !server_names.is_empty() {
+            targets.push((self.server(), ca.issue_server(server_names, validity)?));
+        }
+        for id in clients {
+            targets.push((self.client(id), ca.issue_client(id, validity)?));
+        }
+        // Every refusal before any write: one clash leaves the directory as it was.
+        if !replace {
+            if let Some((taken, _)) = targets.iter().find(|(b, _)| b.cert.exists()) {
+                return Err(CertError::Write {
+                    path: taken.cert.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::AlreadyExists,
+                        "a certificate is already issued here; pass --replace to re-issue it",
+                    ),
+                });
+            }
+        }
+        let stamp = Utc::now().format("%Y%m%dT%H%M%SZ");
+        for (bundle, issued) in &targets {
+            for path in [&bundle.cert, &bundle.key] {
+                if path.exists() {
+                    let mut backup = path.clone().into_os_string();
+                    backup.push(format!(".replaced-{stamp}"));
+                    std::fs::copy(path, &backup).map_err(|source| CertError::Write {
+                        path: PathBuf::from(backup),
+                        source,
+                    })?;
+                }
+            }
+            issued.write(bundle)?;
+        }
+        Ok(targets.into_iter().map(|(b, _)| b).collect())
+    }
 }
 
 /// Reads the identity (subject CN) from a DER certificate, as presented by a TLS client.
@@ -548,6 +597,114 @@ mod tests {
         let (_, ca_pem) = x509_parser::pem::parse_x509_pem(ca.cert_pem().as_bytes()).unwrap();
         let ca_cert = ca_pem.parse_x509().unwrap();
         assert_eq!(leaf.issuer(), ca_cert.subject());
+    }
+
+    /// Whether `leaf` (PEM) is a client certificate that `ca` (PEM file) vouches for, as the
+    /// server's mTLS verifier decides it.
+    fn client_chains_to(ca: &Path, leaf: &Path) -> bool {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in load_certs_pem(ca).unwrap() {
+            roots.add(c).unwrap();
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            provider,
+        )
+        .build()
+        .unwrap();
+        let chain = load_certs_pem(leaf).unwrap();
+        verifier
+            .verify_client_cert(&chain[0], &[], rustls::pki_types::UnixTime::now())
+            .is_ok()
+    }
+
+    #[test]
+    fn issue_adds_clients_from_the_existing_ca_and_replaces_only_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = CertDir::new(dir.path());
+        let operator = Identity::new("operator").unwrap();
+        certs
+            .init(
+                &["localhost".parse().unwrap()],
+                std::slice::from_ref(&operator),
+                Validity::days(1),
+            )
+            .unwrap();
+        let ca_before = std::fs::read(certs.ca().cert).unwrap();
+        let laptop = Identity::new("laptop").unwrap();
+        let written = certs
+            .issue(&[], std::slice::from_ref(&laptop), Validity::days(1), false)
+            .unwrap();
+        assert_eq!(written, vec![certs.client(&laptop)]);
+        assert_eq!(
+            std::fs::read(certs.ca().cert).unwrap(),
+            ca_before,
+            "CA untouched"
+        );
+        assert!(client_chains_to(
+            &certs.ca().cert,
+            &certs.client(&laptop).cert
+        ));
+        assert!(client_chains_to(
+            &certs.ca().cert,
+            &certs.client(&operator).cert
+        ));
+        // A certificate from another CA is refused by the same check.
+        let stranger = tempfile::tempdir().unwrap();
+        let other = CertDir::new(stranger.path());
+        other
+            .init(&[], std::slice::from_ref(&laptop), Validity::days(1))
+            .unwrap();
+        assert!(!client_chains_to(
+            &certs.ca().cert,
+            &other.client(&laptop).cert
+        ));
+
+        // Re-issuing needs --replace; a clash writes nothing, even for the new names.
+        let fresh = Identity::new("fresh").unwrap();
+        let before = std::fs::read(certs.client(&operator).cert).unwrap();
+        assert!(certs
+            .issue(
+                &[],
+                &[fresh.clone(), operator.clone()],
+                Validity::days(1),
+                false
+            )
+            .is_err());
+        assert!(!certs.client(&fresh).cert.exists());
+        certs
+            .issue(
+                &[],
+                std::slice::from_ref(&operator),
+                Validity::days(1),
+                true,
+            )
+            .unwrap();
+        let after = std::fs::read(certs.client(&operator).cert).unwrap();
+        assert_ne!(after, before);
+        let backups: Vec<_> = std::fs::read_dir(dir.path().join("clients"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("operator.pem.replaced-"))
+            .collect();
+        assert_eq!(backups.len(), 1, "{backups:?}");
+        assert_eq!(
+            std::fs::read(dir.path().join("clients").join(&backups[0])).unwrap(),
+            before
+        );
+        assert!(client_chains_to(
+            &certs.ca().cert,
+            &certs.client(&operator).cert
+        ));
+
+        // Without a CA there is nothing to issue from.
+        let empty = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            CertDir::new(empty.path()).issue(&[], &[fresh], Validity::days(1), false),
+            Err(CertError::Read { .. })
+        ));
     }
 
     #[test]
