@@ -4,6 +4,7 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
 
 use common::*;
 
@@ -125,8 +126,12 @@ fn killswitch_engage_status_release_through_the_file_named_in_the_plist() {
         st.contains("ENGAGED by operator") && st.contains("3 breached windows"),
         "{st}"
     );
-    // status shows vision switched off by it, and that nothing is loaded.
-    let status = ctl(&["status"]);
+    // status shows vision switched off by it, and that nothing is loaded (exit 3, as
+    // `systemctl status` for a stopped unit).
+    let out = sb.ctl(&["status", "--plist"]).arg(&plist).output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("not running"), "{}", stderr(&out));
+    let status = stdout(&out);
     assert!(
         status.contains("enabled, but disabled by the kill switch"),
         "{status}"
@@ -150,7 +155,7 @@ fn status_without_a_gui_session_uses_the_user_domain() {
     )
     .unwrap();
     let out = sb.ctl(&["status", "--plist"]).arg(&plist).output().unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(3), "not loaded: {}", stderr(&out));
     let s = stdout(&out);
     assert!(
         s.contains(&format!("(launchd user/{})", Sandbox::uid())),
@@ -219,4 +224,39 @@ fn backups_are_listed_newest_first_and_pruned_and_plist_tools_agree() {
     );
     let show = stdout(&sb.ctl(&["plist", "show", "--plist", p]).output().unwrap());
     assert!(show.contains("\"--c\""), "{show}");
+}
+
+#[test]
+fn status_exits_1_when_the_service_runs_but_fails_its_probe() {
+    let sb = Sandbox::new();
+    let plist = sb.path("agents/rt.plist");
+    // A process that runs but serves nothing on the address its definition names.
+    std::fs::write(
+        &plist,
+        agent_xml(
+            "test.silent",
+            &[
+                "/bin/sh",
+                "-c",
+                "sleep 600",
+                "serve",
+                "--listen",
+                "127.0.0.1:9",
+            ],
+            "\t<key>RunAtLoad</key>\n\t<true/>\n",
+        ),
+    )
+    .unwrap();
+    let boot = sb.launchctl_cmd(&["bootstrap", &Sandbox::domain(), plist.to_str().unwrap()]);
+    assert!(boot.status.success(), "{}", stderr(&boot));
+    let status = || sb.ctl(&["status", "--plist"]).arg(&plist).output().unwrap();
+    wait_until("the job to run", Duration::from_secs(20), || {
+        stdout(&status()).contains("state       running")
+    });
+    let out = status();
+    let report = stdout(&out);
+    assert!(report.contains("UNHEALTHY"), "{report}");
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let stop = sb.launchctl_cmd(&["bootout", &format!("{}/test.silent", Sandbox::domain())]);
+    assert!(stop.status.success(), "{}", stderr(&stop));
 }

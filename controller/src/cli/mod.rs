@@ -34,7 +34,9 @@ pub enum Command {
     Deploy(service::DeployArgs),
     /// Put a backed-up service definition back live and check it serves.
     Rollback(service::RollbackArgs),
-    /// State, pid, last exit, binary, flags, health, vision, kill switch, last deploy.
+    /// State, pid, last exit, binary, flags, health, vision, kill switch, last deploy. Exits 0
+    /// when the service runs and answers its text probe, 1 when it runs but fails the probe,
+    /// 3 when it is not running (as `systemctl status`).
     Status(service::StatusArgs),
     /// List (or prune) the backups of a service definition.
     Backups(service::BackupsArgs),

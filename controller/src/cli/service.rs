@@ -329,6 +329,26 @@ pub struct StatusArgs {
     pub probe: ProbeArgs,
 }
 
+/// What `status` found, when it is not "running and healthy": reported through the exit
+/// status as `systemctl status` does (3: not running, 1: running but failing its probe), so
+/// scripts can use `cathedralctl status` as a check. The printed report comes first.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusExit {
+    #[error("the service is not running")]
+    NotRunning,
+    #[error("the service is running but failed its health probe")]
+    Unhealthy,
+}
+
+impl StatusExit {
+    pub fn code(&self) -> u8 {
+        match self {
+            StatusExit::NotRunning => 3,
+            StatusExit::Unhealthy => 1,
+        }
+    }
+}
+
 pub fn status(a: StatusArgs) -> anyhow::Result<()> {
     let plist = a.service.plist()?;
     let (agent, _) = LaunchAgent::load(&plist)?;
@@ -375,8 +395,12 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
         kill.as_deref()
             .unwrap_or("no --kill-switch in the definition")
     );
+    let mut outcome = Ok(());
     let health = match st.as_ref().and_then(|s| s.running_pid()) {
-        None => "not running".to_string(),
+        None => {
+            outcome = Err(StatusExit::NotRunning);
+            "not running".to_string()
+        }
         Some(pid) => {
             let mut gate = a.probe.gate(None);
             gate.ready_timeout = Duration::ZERO;
@@ -390,7 +414,10 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
                     describe(&h.text),
                     h.rss.map(|r| format!(", rss {r}")).unwrap_or_default()
                 ),
-                Err(e) => format!("UNHEALTHY: {e}"),
+                Err(e) => {
+                    outcome = Err(StatusExit::Unhealthy);
+                    format!("UNHEALTHY: {e}")
+                }
             }
         }
     };
@@ -411,7 +438,7 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
                 .unwrap_or_default()
         ),
     }
-    Ok(())
+    Ok(outcome?)
 }
 
 #[derive(Debug, Args)]
