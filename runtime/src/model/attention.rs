@@ -7,7 +7,7 @@ use mlx_rs::Array;
 
 use super::cache::KvCache;
 use super::fused;
-use super::linear::{Linear, QuantLookup, Stacked};
+use super::linear::{Linear, QuantLookup, QuantizedMatrix, Stacked};
 use super::norm::RmsNorm;
 use super::rope::{MRope, RopeTables};
 use crate::config::TextConfig;

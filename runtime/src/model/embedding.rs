@@ -5,7 +5,8 @@ use mlx_rs::module::Param;
 use mlx_rs::{ops, Array};
 
 use super::linear::{
-    gemm_input, guard_narrow_quantized, placeholder, quantized_shapes, QuantLookup, QuantSpec,
+    gemm_input, placeholder, quantized_shapes, MatrixParams, QuantLookup, QuantSpec,
+    QuantizedMatrix,
 };
 
 #[derive(Debug, Clone, ModuleParameters)]
@@ -57,16 +58,6 @@ impl Embedding {
         }
     }
 
-    /// See [`super::linear::QMM_MIN_IN_FEATURES`] (a tied head is a quantized matmul too).
-    pub fn guard_narrow(&mut self) -> Result<(), Exception> {
-        guard_narrow_quantized(
-            self.quant,
-            &mut self.weight,
-            &mut self.scales,
-            &mut self.biases,
-        )
-    }
-
     /// `x · Eᵀ` (tied lm_head).
     pub fn as_linear(&self, x: &Array) -> Result<Array, Exception> {
         match (self.quant, self.scales.as_ref()) {
@@ -81,5 +72,13 @@ impl Embedding {
             ),
             _ => ops::matmul(x, self.weight.as_ref().t()),
         }
+    }
+}
+
+/// A tied head is a quantized matmul too.
+impl QuantizedMatrix for Embedding {
+    fn matrix(&mut self) -> (Option<QuantSpec>, MatrixParams<'_>) {
+        let parts = (&mut self.weight, &mut self.scales, &mut self.biases);
+        (self.quant, parts)
     }
 }

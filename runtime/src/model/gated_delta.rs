@@ -12,7 +12,7 @@ use mlx_rs::{fast, nn, ops, Array, Dtype};
 
 use super::cache::DeltaCache;
 use super::fused;
-use super::linear::{placeholder, Linear, QuantLookup, Stacked};
+use super::linear::{placeholder, Linear, QuantLookup, QuantizedMatrix, Stacked};
 use super::norm::RmsNormGated;
 use super::scalar;
 use crate::config::TextConfig;

@@ -9,7 +9,7 @@ use mlx_rs::Array;
 use super::cache::LayerCache;
 use super::decoder::DecoderLayer;
 use super::embedding::Embedding;
-use super::linear::{Linear, QuantLookup};
+use super::linear::{Linear, QuantLookup, QuantizedMatrix};
 use super::norm::RmsNorm;
 use super::rope::MRope;
 use crate::config::{ConfigError, TextConfig};

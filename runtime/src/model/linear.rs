@@ -148,7 +148,7 @@ pub(crate) fn gemm_input(
 
 /// Puts slack after a quantized matrix (`weight`, `scales`, `biases`) narrower than
 /// [`QMM_MIN_IN_FEATURES`].
-pub(crate) fn guard_narrow_quantized(
+fn guard_narrow_quantized(
     quant: Option<QuantSpec>,
     weight: &mut Param<Array>,
     scales: &mut Param<Option<Array>>,
@@ -166,15 +166,24 @@ pub(crate) fn guard_narrow_quantized(
     Ok(())
 }
 
-impl Linear {
-    /// See [`QMM_MIN_IN_FEATURES`]; called once after loading.
-    pub fn guard_narrow(&mut self) -> Result<(), Exception> {
-        guard_narrow_quantized(
-            self.quant,
-            &mut self.weight,
-            &mut self.scales,
-            &mut self.biases,
-        )
+/// A matrix MLX may store quantized: a dense or quantized linear layer, the experts' weights,
+/// the (tied) embedding table.
+pub trait QuantizedMatrix {
+    /// Its quantization and arrays.
+    fn matrix(&mut self) -> (Option<QuantSpec>, MatrixParams<'_>);
+
+    /// Slack after the matrix when it is narrow (see [`QMM_MIN_IN_FEATURES`]); once, after
+    /// loading.
+    fn guard_narrow(&mut self) -> Result<(), Exception> {
+        let (quant, (weight, scales, biases)) = self.matrix();
+        guard_narrow_quantized(quant, weight, scales, biases)
+    }
+}
+
+impl QuantizedMatrix for Linear {
+    fn matrix(&mut self) -> (Option<QuantSpec>, MatrixParams<'_>) {
+        let parts = (&mut self.weight, &mut self.scales, &mut self.biases);
+        (self.quant, parts)
     }
 }
 
@@ -200,7 +209,7 @@ pub(crate) fn rows(a: &Array, start: i32, end: i32) -> Result<Array, Exception> 
 }
 
 /// The arrays of one matrix as MLX stores it: `weight`, plus `scales` and `biases` when quantized.
-pub(crate) type MatrixParams<'a> = (
+pub type MatrixParams<'a> = (
     &'a mut Param<Array>,
     &'a mut Param<Option<Array>>,
     &'a mut Param<Option<Array>>,
@@ -268,10 +277,7 @@ impl Stacked {
             }
             return Ok(None);
         }
-        let mut matrices: Vec<MatrixParams> = parts
-            .iter_mut()
-            .map(|p| (&mut p.weight, &mut p.scales, &mut p.biases))
-            .collect();
+        let mut matrices: Vec<MatrixParams> = parts.iter_mut().map(|p| p.matrix().1).collect();
         let ((weight, scales, biases), ranges) = stack_rows(&mut matrices, quant)?;
         let bias = if with_bias {
             let all: Vec<&Array> = parts.iter().filter_map(|p| p.bias.value.as_ref()).collect();

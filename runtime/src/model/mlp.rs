@@ -5,7 +5,7 @@ use mlx_rs::macros::ModuleParameters;
 use mlx_rs::Array;
 
 use super::fused;
-use super::linear::{Linear, QuantLookup, Stacked};
+use super::linear::{Linear, QuantLookup, QuantizedMatrix, Stacked};
 
 #[derive(Debug, Clone, ModuleParameters)]
 pub struct Mlp {

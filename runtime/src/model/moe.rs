@@ -14,8 +14,8 @@ use mlx_rs::{ops, Array, Dtype};
 
 use super::fused;
 use super::linear::{
-    guard_narrow_quantized, is_narrow, placeholder, quantized_shapes, stack_rows, tail_slack,
-    Linear, QuantLookup, QuantSpec, Stacked,
+    is_narrow, placeholder, quantized_shapes, stack_rows, tail_slack, Linear, MatrixParams,
+    QuantLookup, QuantSpec, QuantizedMatrix, Stacked,
 };
 use super::mlp::Mlp;
 use crate::config::TextConfig;
@@ -66,16 +66,6 @@ impl SwitchLinear {
         }
     }
 
-    /// See [`super::linear::QMM_MIN_IN_FEATURES`]; called once after loading.
-    pub fn guard_narrow(&mut self) -> Result<(), Exception> {
-        guard_narrow_quantized(
-            self.quant,
-            &mut self.weight,
-            &mut self.scales,
-            &mut self.biases,
-        )
-    }
-
     /// `gate` and `up` stacked by output rows, each left as a view into the stack.
     pub fn stack(
         gate: &mut SwitchLinear,
@@ -86,18 +76,14 @@ impl SwitchLinear {
             up.guard_narrow()?;
             return Ok(None);
         }
-        let ((weight, scales, biases), _) = stack_rows(
-            &mut [
-                (&mut gate.weight, &mut gate.scales, &mut gate.biases),
-                (&mut up.weight, &mut up.scales, &mut up.biases),
-            ],
-            gate.quant,
-        )?;
+        let quant = gate.quant;
+        let ((weight, scales, biases), _) =
+            stack_rows(&mut [gate.matrix().1, up.matrix().1], quant)?;
         Ok(Some(SwitchLinear {
             weight,
             scales,
             biases,
-            quant: gate.quant,
+            quant,
         }))
     }
 
@@ -138,6 +124,13 @@ impl SwitchLinear {
                 .as_dtype(x.dtype())
             }
         }
+    }
+}
+
+impl QuantizedMatrix for SwitchLinear {
+    fn matrix(&mut self) -> (Option<QuantSpec>, MatrixParams<'_>) {
+        let parts = (&mut self.weight, &mut self.scales, &mut self.biases);
+        (self.quant, parts)
     }
 }
 
