@@ -204,6 +204,13 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
             tracing::warn!("connections still open after cancelling; closing them");
         }
     }
+    // The last handle on the engine's queue goes with the state: the engine thread then
+    // finishes, and is waited for, before the process exits (MLX tears down its globals at
+    // exit; a thread still freeing MLX objects then corrupts the heap).
+    drop(state);
+    if !shutdown.engine_settled(CANCEL_WIND_DOWN).await {
+        tracing::warn!("the engine is still busy after cancelling; exiting anyway");
+    }
     tracing::info!("shutdown complete");
     Ok(())
 }

@@ -84,6 +84,52 @@ pub struct ShutdownFlags {
     pub draining: AtomicBool,
     /// In-flight work is cut short now.
     pub cancel_all: AtomicBool,
+    /// Set while the engine thread holds a job, cleared once MLX has finished all the work
+    /// the job queued: the process must not exit under a computation still in flight.
+    pub engine_busy: AtomicBool,
+    /// The engine thread, to wait for its exit (thread-local MLX state is freed then).
+    pub engine_thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl ShutdownFlags {
+    /// Waits (at most `limit`) until the engine thread holds no job and MLX is idle.
+    pub async fn engine_settled(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while self.engine_busy.load(Ordering::Acquire) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The thread ends once the last handle on its queue is gone, normally by now; if a
+        // handle is still held it stays parked in `recv`, which exit may cut without harm.
+        let thread = self
+            .engine_thread
+            .lock()
+            .map(|mut t| t.take())
+            .ok()
+            .flatten();
+        if let Some(thread) = thread {
+            let until = Instant::now() + Duration::from_secs(1);
+            while !thread.is_finished() && Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if thread.is_finished() {
+                let _ = thread.join();
+            }
+        }
+        true
+    }
+}
+
+/// Blocks until MLX has run everything queued on the default stream. A generation that
+/// ends early (cancelled, cut by shutdown) can leave a pipelined decode step in flight.
+fn settle_mlx() {
+    // SAFETY: no arguments; MLX waits on its own default stream.
+    let rc = unsafe { mlx_sys::mlx_synchronize_default() };
+    if rc != 0 {
+        tracing::warn!(rc, "MLX could not synchronize its default stream");
+    }
 }
 
 /// The HTTP side's handle on the engine thread.
@@ -128,7 +174,8 @@ impl EngineHandle {
         let dir = model_dir.to_path_buf();
         let mean_job_us = Arc::new(AtomicU64::new(0));
         let mean = mean_job_us.clone();
-        std::thread::Builder::new()
+        let flags = shutdown.clone();
+        let thread = std::thread::Builder::new()
             .name("engine".into())
             .spawn(move || {
                 let started = Instant::now();
@@ -152,6 +199,9 @@ impl EngineHandle {
                 run_engine(engine, rx, &metrics, &shutdown, &mean);
             })
             .map_err(StartError::Thread)?;
+        if let Ok(mut slot) = flags.engine_thread.lock() {
+            *slot = Some(thread);
+        }
         let info = match ready_rx.recv() {
             Ok(Ok(info)) => info,
             Ok(Err(e)) => return Err(StartError::Load(e)),
@@ -224,9 +274,12 @@ fn run_engine(
 ) {
     metrics.queue_depth().set(0);
     while let Ok(job) = rx.recv() {
+        shutdown.engine_busy.store(true, Ordering::Release);
         metrics.queue_depth().dec();
         let began = Instant::now();
         run_job(&mut engine, job, shutdown, metrics);
+        settle_mlx();
+        shutdown.engine_busy.store(false, Ordering::Release);
         // EWMA with weight 1/4 on the newest job.
         let took = began.elapsed().as_micros() as u64;
         let old = mean_job_us.load(Ordering::Relaxed);
