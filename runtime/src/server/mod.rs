@@ -208,8 +208,8 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     // finishes, and is waited for, before the process exits (MLX tears down its globals at
     // exit; a thread still freeing MLX objects then corrupts the heap).
     drop(state);
-    if !shutdown.engine_settled(CANCEL_WIND_DOWN).await {
-        tracing::warn!("the engine is still busy after cancelling; exiting anyway");
+    if !shutdown.engine_stopped(CANCEL_WIND_DOWN).await {
+        tracing::warn!("the engine thread has not ended after cancelling; exiting anyway");
     }
     tracing::info!("shutdown complete");
     Ok(())

@@ -84,40 +84,31 @@ pub struct ShutdownFlags {
     pub draining: AtomicBool,
     /// In-flight work is cut short now.
     pub cancel_all: AtomicBool,
-    /// Set while the engine thread holds a job, cleared once MLX has finished all the work
-    /// the job queued: the process must not exit under a computation still in flight.
-    pub engine_busy: AtomicBool,
-    /// The engine thread, to wait for its exit (thread-local MLX state is freed then).
+    /// The engine thread: shutdown waits for it to end (its MLX work settled, its
+    /// thread-local MLX state freed) before the process exits.
     pub engine_thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl ShutdownFlags {
-    /// Waits (at most `limit`) until the engine thread holds no job and MLX is idle.
-    pub async fn engine_settled(&self, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        while self.engine_busy.load(Ordering::Acquire) {
-            if Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        // The thread ends once the last handle on its queue is gone, normally by now; if a
-        // handle is still held it stays parked in `recv`, which exit may cut without harm.
+    /// Waits, at most `limit`, for the engine thread to end; it does once the last handle on
+    /// its queue is gone and its current job has wound down. Whether it ended in time.
+    pub async fn engine_stopped(&self, limit: Duration) -> bool {
         let thread = self
             .engine_thread
             .lock()
             .map(|mut t| t.take())
             .ok()
             .flatten();
-        if let Some(thread) = thread {
-            let until = Instant::now() + Duration::from_secs(1);
-            while !thread.is_finished() && Instant::now() < until {
-                tokio::time::sleep(Duration::from_millis(10)).await;
+        let Some(thread) = thread else { return true };
+        let deadline = Instant::now() + limit;
+        while !thread.is_finished() {
+            if Instant::now() >= deadline {
+                // Still parked or busy: exit cuts it, which is the best left to do.
+                return false;
             }
-            if thread.is_finished() {
-                let _ = thread.join();
-            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        let _ = thread.join();
         true
     }
 }
@@ -274,12 +265,10 @@ fn run_engine(
 ) {
     metrics.queue_depth().set(0);
     while let Ok(job) = rx.recv() {
-        shutdown.engine_busy.store(true, Ordering::Release);
         metrics.queue_depth().dec();
         let began = Instant::now();
         run_job(&mut engine, job, shutdown, metrics);
         settle_mlx();
-        shutdown.engine_busy.store(false, Ordering::Release);
         // EWMA with weight 1/4 on the newest job.
         let took = began.elapsed().as_micros() as u64;
         let old = mean_job_us.load(Ordering::Relaxed);
